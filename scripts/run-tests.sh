@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Run the test suite listed in tests/suite.list against one build and end
+# with the line "N passed, N failed, N skipped". Exit status 1 on any failure.
+#   run-tests.sh [--quick] [BUILD_DIR]     (default: build/patched-O0)
+# --quick runs only the lines marked "quick" (used by `make bisect`).
+. "$(dirname "$0")/lib.sh"
+
+quick=0
+if [ "${1:-}" = --quick ]; then quick=1; shift; fi
+out=${1:-$(build_dir patched 0)}
+[ -x "$out/qemu-system-x86_64" ] || die "no QEMU build in $out: run make first"
+LOGS=$out/test-logs
+mkdir -p "$LOGS"
+: > "$LOGS/results.tap"
+
+COUNTS=$LOGS/counts       # one "pass fail skip" line per suite
+: > "$COUNTS"
+
+excluded_reason() {   # excluded_reason SUITE TEST
+    awk -v s="$1" -v t="$2" '$1 == s && $2 == t {$1 = $2 = ""; sub(/^ +/, ""); print; exit}' \
+        "$TOP/tests/excluded.list"
+}
+
+# Count one suite's TAP output (stdin), print its summary line.
+tally() {   # tally NAME
+    local counts pass fail skip
+    counts=$(tee -a "$LOGS/results.tap" | awk '
+        /^ok .*# SKIP/ {s++; next}
+        /^ok /         {p++; next}
+        /^not ok /     {f++; print > "/dev/stderr"}
+        END            {printf "%d %d %d\n", p, f, s}')
+    read -r pass fail skip <<< "$counts"
+    printf '%-28s %d passed, %d failed, %d skipped\n' "$1:" "$pass" "$fail" "$skip"
+    echo "$counts" >> "$COUNTS"
+}
+
+run_iotests() {   # run_iotests OPTION TEST...
+    local opt=$1 t tests=() reason log
+    shift
+    for t in "$@"; do
+        reason=$(excluded_reason "$opt" "$t")
+        if [ -n "$reason" ]; then
+            printf '  excluded %s %s: %s\n' "$opt" "$t" "$reason"
+        else
+            tests+=("$t")
+        fi
+    done
+    log=$LOGS/iotests$opt.log
+    # One test at a time: several timing-sensitive tests (e.g. 185) race
+    # when two run side by side on a 2-core machine.
+    (cd "$out/tests/qemu-iotests" && "$PYTHON" ./check -tap "$opt" "${tests[@]}") \
+        > "$log" 2>&1 || true
+    # Show the diffs of failed tests: they follow "not ok" in the TAP stream.
+    awk '/^not ok/ {show = 1} /^(ok|# running)/ {show = 0} show' "$log" | head -n 200
+    grep -E '^(not )?ok ' "$log" | tally "iotests $opt"
+}
+
+run_unit() {   # run_unit TEST...
+    local t
+    for t in "$@"; do
+        "$out/tests/unit/$t" --tap > "$LOGS/$t.log" 2>&1 ||
+            echo "not ok - $t exited with status $?" >> "$LOGS/$t.log"
+        grep -E '^(not )?ok ' "$LOGS/$t.log" | tally "unit $t"
+    done
+}
+
+run_lint() {
+    local p
+    for p in "$PATCHES"/downstream/*.patch "$PATCHES"/series/*.patch; do
+        [ -f "$p" ] || continue
+        if (cd "$TREE" && ./scripts/checkpatch.pl -q "$p") > "$LOGS/checkpatch.log" 2>&1; then
+            echo "ok - checkpatch $(basename "$p")"
+        else
+            cat "$LOGS/checkpatch.log" >&2
+            echo "not ok - checkpatch $(basename "$p")"
+        fi
+    done | tally "checkpatch"
+}
+
+while read -r first rest; do
+    case $first in ''|'#'*) continue ;; esac
+    if [ "$first" = quick ]; then
+        read -r first rest <<< "$rest"
+    elif [ $quick = 1 ]; then
+        continue
+    fi
+    # shellcheck disable=SC2086
+    case $first in
+    iotests) run_iotests $rest ;;
+    unit) run_unit $rest ;;
+    lint) run_lint ;;
+    *) die "tests/suite.list: unknown suite '$first'" ;;
+    esac
+done < "$TOP/tests/suite.list"
+
+read -r pass fail skip < <(awk '{p += $1; f += $2; s += $3} END {print p+0, f+0, s+0}' "$COUNTS")
+echo "$pass passed, $fail failed, $skip skipped"
+[ "$fail" = 0 ]
