@@ -23,6 +23,4 @@ export_group downstream "$TAG_PRISTINE..$TAG_DOWNSTREAM"
 export_group series "$TAG_DOWNSTREAM..HEAD"
 
 # Record what the tree now matches, so prepare-tree.sh sees nothing new.
-{ find "$PATCHES/downstream" "$PATCHES/series" -name '*.patch' | sort | xargs -r cat |
-    sha256sum | cut -d' ' -f1; git -C "$TREE" rev-parse HEAD; } | paste -sd' ' \
-    > "$TREE/.git/applied-series"
+record_applied

@@ -37,3 +37,18 @@ build_dir() {
 # Python without pyenv shims: QEMU's configure builds a venv from it and
 # needs the system's python3-tomli / python3-venv.
 PYTHON=/usr/bin/python3
+
+# The patch files of one group (downstream|series), in the order they apply.
+patch_files() {
+    if [ -d "$PATCHES/$1" ]; then find "$PATCHES/$1" -name '*.patch' | sort; fi
+}
+
+# $TREE/.git/applied-series records "HASH-OF-patches/ HEAD" after the tree was
+# built from patches/ or exported to it; prepare-tree.sh compares against it.
+APPLIED="$TREE/.git/applied-series"
+series_stamp() {
+    { patch_files downstream; patch_files series; } | xargs -r cat | sha256sum | cut -d' ' -f1
+}
+record_applied() {
+    echo "$(series_stamp) $(git -C "$TREE" rev-parse HEAD)" > "$APPLIED"
+}

@@ -10,12 +10,6 @@ tarball=$("$TOP/scripts/fetch-qemu.sh")
 # Committer identity for the tree's own commits; authors come from the patches.
 export GIT_COMMITTER_NAME="qemu-block-series" GIT_COMMITTER_EMAIL="series@localhost"
 export GIT_AUTHOR_NAME="$GIT_COMMITTER_NAME" GIT_AUTHOR_EMAIL="$GIT_COMMITTER_EMAIL"
-STAMP="$TREE/.git/applied-series"
-
-patch_files() { find "$PATCHES/$1" -name '*.patch' | sort; }
-series_stamp() {
-    { patch_files downstream; patch_files series; } | xargs -r cat | sha256sum | cut -d' ' -f1
-}
 
 apply_group() {   # apply_group downstream|series
     local files
@@ -34,7 +28,7 @@ apply_all() {
     apply_group downstream
     git -C "$TREE" tag -f "$TAG_DOWNSTREAM" >/dev/null
     apply_group series
-    echo "$(series_stamp) $(git -C "$TREE" rev-parse HEAD)" > "$STAMP"
+    record_applied
 }
 
 unpack() {
@@ -59,7 +53,7 @@ if [ ! -d "$TREE/.git" ]; then
     exit 0
 fi
 
-read -r stamp head < "$STAMP" 2>/dev/null || { stamp=; head=; }
+read -r stamp head < "$APPLIED" 2>/dev/null || { stamp=; head=; }
 [ "$stamp" = "$(series_stamp)" ] && exit 0
 
 # patches/ changed (e.g. after a pull). Rebuild the branch only if the tree has
