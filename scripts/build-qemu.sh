@@ -30,7 +30,8 @@ case $level in
 esac
 
 BINARIES="qemu-system-x86_64 qemu-img qemu-io qemu-nbd storage-daemon/qemu-storage-daemon"
-UNIT_TESTS="tests/unit/test-blockjob tests/unit/test-blockjob-txn tests/unit/test-bdrv-drain"
+UNIT_TESTS="tests/unit/test-blockjob tests/unit/test-blockjob-txn tests/unit/test-bdrv-drain
+            tests/unit/test-block-iothread"
 
 if [ ! -f "$out/build.ninja" ]; then
     log "configuring $variant QEMU (-O$level) in $out"
