@@ -2,7 +2,7 @@
 # Every step is a script in scripts/; this file only names them.
 S := scripts
 
-.PHONY: all build deps tree check check-quick export bisect stock reset-tree clean distclean
+.PHONY: all build deps tree check check-quick export bisect stock bench reset-tree clean distclean
 
 all: build
 
@@ -35,6 +35,10 @@ bisect: tree
 # The unpatched build (pristine + downstream build fixes) in build/stock-O0.
 stock: tree
 	$(S)/build-qemu.sh stock 0
+
+# Stock vs patched benchmarks (-O2 builds) into bench/results/.
+bench: tree
+	$(S)/bench.sh
 
 # Throw away build/qemu (and its worktrees) and the builds; keep the download.
 reset-tree:
