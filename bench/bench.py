@@ -75,13 +75,17 @@ class Source:
         self.qmp_path = os.path.join(WORK, 'qmp.sock')
         self.qmp = QEMUMonitorProtocol(self.qmp_path, server=True)
         self.proc = subprocess.Popen(
-            [f'{build}/qemu-system-x86_64', '-M', 'none', '-nodefaults',
-             '-display', 'none', '-qmp', f'unix:{self.qmp_path}'],
-            stderr=subprocess.DEVNULL)
+            [f'{build}/qemu-system-x86_64', '-M', 'pc', '-accel', 'qtest',
+             '-nodefaults', '-display', 'none',
+             '-qmp', f'unix:{self.qmp_path}'],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.qmp.accept(BOUND)
         self.cmd('blockdev-add', {'node-name': 'src', 'driver': 'raw',
                                   'file': {'driver': 'file',
                                            'filename': img}})
+        # The guest's disk: its writes go through the mirror filter
+        self.ok('device_add', {'driver': 'virtio-blk-pci', 'id': 'vblk',
+                               'drive': 'src'})
         self.cmd('blockdev-add', {'node-name': 'tgt', 'driver': 'raw',
                                   'file': {'driver': 'nbd', 'export': 't',
                                            'server': {'type': 'unix',
@@ -125,7 +129,8 @@ class Source:
 
     def write(self, offset, length):
         self.ok('human-monitor-command', {
-            'command-line': f'qemu-io top "write -P 7 {offset} {length}"'})
+            'command-line': f'qemu-io -d vblk/virtio-backend '
+                            f'"write -P 7 {offset} {length}"'})
 
     def job(self):
         jobs = self.ok('query-block-jobs')
@@ -187,9 +192,10 @@ def dead_target_cancel(build, policy):
     q.mirror(**{'on-target-error': policy})
     q.wait(['BLOCK_JOB_READY'])
     t.kill()
-    q.write(0, '4M')
     cpu0, start = cpu_seconds(q.proc.pid), time.monotonic()
+    # As in the report: cancel, while the guest writes
     q.cmd('block-job-cancel', {'device': 'm'})
+    q.write(0, '4M')
     slowest, ended = 0.0, None
     while time.monotonic() - start < BOUND:
         t0 = time.monotonic()
@@ -262,7 +268,6 @@ def switchover_stall(build, limit):
             trace.append((time.monotonic() - start,
                           job['len'] - job['offset'], 'completing'))
     stall = time.monotonic() - t_complete
-    backlog = trace[-1][1] if trace else 0
     q.quit()
     t.stop()
     return {'stall_s': stall, 'trace': trace, 'bound_s': 4 / 8.0,
