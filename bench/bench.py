@@ -1,15 +1,22 @@
 #!/usr/bin/env python3
 """Stock vs patched QEMU, side by side in one run.
 
-    bench.py OUT_DIR STOCK_BUILD PATCHED_BUILD QEMU_PYTHON_DIR
+    bench.py all OUT_DIR README STOCK_BUILD PATCHED_BUILD QEMU_PYTHON_DIR
+    bench.py one SCENARIO BUILD QEMU_PYTHON_DIR     (one run, JSON out)
 
-Runs every scenario on both builds (repeated where it is a timing), and
-writes OUT_DIR/results.json, OUT_DIR/results.md and OUT_DIR/divergence.png.
-A scenario whose option the build lacks is reported "not applicable".
+'all' runs every scenario on both builds, stock and patched in turn
+(so that both see the same machine), REPEAT times, each run in its own
+process group under a watchdog; it writes OUT_DIR/results.json,
+OUT_DIR/results.md and OUT_DIR/divergence.png, and puts the table into
+README between the bench markers.  A scenario whose option a build lacks
+is reported "not applicable"; something that does not end within its
+bound is reported as such, and is not repeated.
 """
 
 import json
 import os
+import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -17,14 +24,14 @@ import sys
 import tempfile
 import time
 
-OUT, BUILDS = sys.argv[1], {'stock': sys.argv[2], 'patched': sys.argv[3]}
-sys.path.insert(0, sys.argv[4])
-from qemu.qmp.legacy import QEMUMonitorProtocol  # noqa: E402
-
 MiB = 1024 * 1024
-REPEAT = 3
-BOUND = 20.0          # how long we wait for something that may never end
-WORK = tempfile.mkdtemp(prefix='qemu-bench-', dir='/dev/shm')
+REPEAT = 5
+# Throughput varies most on a shared machine: more runs
+REPEATS = {'throughput': 9}
+DEAD_BOUND = 10.0     # how long we wait for a job that may never end
+HUNG_BOUND = 20.0     # (patched: a cancelled job's stall-timeout is 10 s)
+WATCHDOG = 120.0      # a run that takes longer is killed
+SHM = '/dev/shm'
 
 
 def cpu_seconds(pid):
@@ -33,13 +40,21 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
 
+class NotApplicable(Exception):
+    """The build lacks an option that the scenario needs"""
+
+
 class Target:
     """qemu-storage-daemon exporting an image over NBD (unix socket),
-    optionally behind a throttle group limited to bps bytes/s"""
+    behind a throttle group that throttle() limits"""
 
-    def __init__(self, build, img, sock, bps=0):
+    def __init__(self, build, img, sock):
+        self.mon = sock + '.qmp'
         self.args = [f'{build}/storage-daemon/qemu-storage-daemon',
-                     '--object', f'throttle-group,id=thr,x-bps-write={bps}',
+                     '--chardev', f'socket,id=mon,path={self.mon},'
+                                  'server=on,wait=off',
+                     '--monitor', 'mon',
+                     '--object', 'throttle-group,id=thr',
                      '--blockdev', f'file,node-name=file,filename={img}',
                      '--blockdev', 'raw,node-name=raw,file=file',
                      '--blockdev', 'throttle,node-name=top,'
@@ -53,95 +68,117 @@ class Target:
         if os.path.exists(self.sock):
             os.unlink(self.sock)
         self.proc = subprocess.Popen(self.args, stderr=subprocess.DEVNULL)
-        while not os.path.exists(self.sock):
+        while not (os.path.exists(self.sock) and os.path.exists(self.mon)):
             time.sleep(0.01)
 
     def kill(self):
         self.proc.kill()
         self.proc.wait()
 
+    def throttle(self, bps):
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+        with QEMUMonitorProtocol(self.mon) as mon:
+            mon.connect()
+            mon.cmd('qom-set', path='thr', property='limits',
+                    value={'bps-write': bps})
+
     def signal(self, sig):
         self.proc.send_signal(sig)
 
-    def stop(self):
-        self.proc.send_signal(signal.SIGCONT)
-        self.kill()
-
 
 class Source:
-    """A QEMU with a source image and an NBD target node"""
+    """A QEMU (qtest accelerator, no guest code) with a raw source image
+    behind a virtio-blk device and an NBD node as the mirror target"""
 
-    def __init__(self, build, img, sock):
-        self.qmp_path = os.path.join(WORK, 'qmp.sock')
-        self.qmp = QEMUMonitorProtocol(self.qmp_path, server=True)
+    def __init__(self, build, work, img, sock):
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+        path = os.path.join(work, 'qmp.sock')
+        self.qmp = QEMUMonitorProtocol(path, server=True)
         self.proc = subprocess.Popen(
             [f'{build}/qemu-system-x86_64', '-M', 'pc', '-accel', 'qtest',
-             '-nodefaults', '-display', 'none',
-             '-qmp', f'unix:{self.qmp_path}'],
+             '-nodefaults', '-display', 'none', '-qmp', f'unix:{path}'],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.qmp.accept(BOUND)
-        self.cmd('blockdev-add', {'node-name': 'src', 'driver': 'raw',
-                                  'file': {'driver': 'file',
-                                           'filename': img}})
+        self.qmp.accept(30)
+        # A command that does not answer within this is a hang
+        self.qmp.settimeout(HUNG_BOUND)
+        self.ok('blockdev-add', {'node-name': 'src', 'driver': 'raw',
+                                 'file': {'driver': 'file',
+                                          'filename': img}})
         # The guest's disk: its writes go through the mirror filter
         self.ok('device_add', {'driver': 'virtio-blk-pci', 'id': 'vblk',
                                'drive': 'src'})
-        self.cmd('blockdev-add', {'node-name': 'tgt', 'driver': 'raw',
-                                  'file': {'driver': 'nbd', 'export': 't',
-                                           'server': {'type': 'unix',
-                                                      'path': sock}}})
+        self.ok('blockdev-add', {'node-name': 'tgt', 'driver': 'raw',
+                                 'file': {'driver': 'nbd', 'export': 't',
+                                          'server': {'type': 'unix',
+                                                     'path': sock}}})
         self.events = []
 
     def cmd(self, name, args=None):
-        return self.qmp.cmd_raw(name, args or {})
+        """The reply, or None if there was none in time"""
+        try:
+            return self.qmp.cmd_raw(name, args or {})
+        except Exception:       # timeout, or QEMU gone
+            return None
 
     def ok(self, name, args=None):
         r = self.cmd(name, args)
-        if 'error' in r:
-            raise RuntimeError(f'{name}: {r["error"]["desc"]}')
+        if r is None or 'error' in r:
+            raise RuntimeError(f'{name}: {r and r["error"]["desc"]}')
         return r['return']
 
     def mirror(self, **args):
-        return self.cmd('blockdev-mirror', dict(
+        r = self.cmd('blockdev-mirror', dict(
             {'job-id': 'm', 'device': 'src', 'target': 'tgt', 'sync': 'full',
              'filter-node-name': 'top'}, **args))
+        if r and 'error' in r and 'Parameter' in r['error']['desc']:
+            raise NotApplicable(r['error']['desc'])
+        if not r or 'error' in r:
+            raise RuntimeError(f'blockdev-mirror: {r}')
 
-    def pull(self, timeout=0.0):
-        ev = self.qmp.pull_event(wait=timeout) if timeout else \
-            self.qmp.pull_event(wait=False)
-        if ev:
-            self.events.append(ev)
-        return ev
-
-    def wait(self, names, timeout=BOUND):
-        deadline = time.monotonic() + timeout
-        for ev in self.events:
-            if ev['event'] in names:
-                return ev
-        while time.monotonic() < deadline:
+    def pull_all(self):
+        while True:
             try:
-                ev = self.pull(min(0.1, deadline - time.monotonic()))
-            except Exception:          # timeout of one pull
-                continue
-            if ev and ev['event'] in names:
-                return ev
-        return None
+                ev = self.qmp.pull_event(wait=False)
+            except Exception:
+                return
+            if not ev:
+                return
+            self.events.append(ev)
 
-    def write(self, offset, length):
+    def wait(self, names, timeout):
+        """The first event named in names (seen before or until timeout),
+        or None"""
+        deadline = time.monotonic() + timeout
+        while True:
+            for ev in self.events:
+                if ev['event'] in names:
+                    return ev
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                ev = self.qmp.pull_event(wait=min(0.1, left))
+            except Exception:       # nothing within this slice
+                continue
+            if ev:
+                self.events.append(ev)
+
+    def count(self, name):
+        return sum(1 for e in self.events if e['event'] == name)
+
+    def write(self, offset, length, pattern=7):
         self.ok('human-monitor-command', {
             'command-line': f'qemu-io -d vblk/virtio-backend '
-                            f'"write -P 7 {offset} {length}"'})
+                            f'"write -P {pattern} {offset} {length}"'})
 
     def job(self):
         jobs = self.ok('query-block-jobs')
         return jobs[0] if jobs else None
 
-    def quit(self, timeout=BOUND):
+    def quit(self, timeout):
+        """Seconds until QEMU exited after 'quit', or None (then killed)"""
         start = time.monotonic()
-        try:
-            self.qmp.cmd_raw('quit')
-        except Exception:
-            pass
+        self.cmd('quit')
         try:
             self.proc.wait(timeout)
             return time.monotonic() - start
@@ -149,282 +186,471 @@ class Source:
             self.proc.kill()
             self.proc.wait()
             return None
-        finally:
-            try:
-                self.qmp.close()
-            except Exception:       # QEMU is gone already
-                pass
 
 
-def image(name, size, data=False):
-    path = os.path.join(WORK, name)
-    with open(path, 'wb') as f:
-        f.truncate(size)
-        if data:
-            chunk = os.urandom(MiB)
-            for _ in range(size // MiB):
-                f.write(chunk)
-    return path
+class Setup:
+    """A source QEMU and a target daemon on tmpfs, for one run"""
+
+    def __init__(self, build, size, data=False):
+        self.build = build
+        self.work = tempfile.mkdtemp(prefix='qemu-bench-', dir=SHM)
+        self.src_img = self.image('src.img', size, data)
+        self.tgt_img = self.image('tgt.img', size)
+        sock = os.path.join(self.work, 'nbd.sock')
+        self.target = Target(build, self.tgt_img, sock)
+        self.q = Source(build, self.work, self.src_img, sock)
+
+    def image(self, name, size, data=False):
+        path = os.path.join(self.work, name)
+        with open(path, 'wb') as f:
+            f.truncate(size)
+            # Allocate the tmpfs pages now, not while we measure
+            os.posix_fallocate(f.fileno(), 0, size)
+            if data:
+                chunk = os.urandom(MiB)
+                for _ in range(size // MiB):
+                    f.write(chunk)
+        return path
+
+    def identical(self):
+        return subprocess.run([f'{self.build}/qemu-img', 'compare',
+                               '-f', 'raw', '-F', 'raw',
+                               self.src_img, self.tgt_img],
+                              stdout=subprocess.DEVNULL).returncode == 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for p in (self.q.proc, self.target.proc):
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+                p.wait()
+        shutil.rmtree(self.work)
 
 
-def setup(build, size, bps=0, data=False):
-    src = image('src.img', size, data)
-    tgt = image('tgt.img', size)
-    sock = os.path.join(WORK, 'nbd.sock')
-    target = Target(build, tgt, sock, bps)
-    return Source(build, src, sock), target
-
+# Scenarios: each takes a build directory and returns a dict of figures
 
 def throughput(build):
-    q, t = setup(build, 1024 * MiB, data=True)
-    cpu0, start = cpu_seconds(q.proc.pid), time.monotonic()
-    q.mirror()
-    q.wait(['BLOCK_JOB_READY'], timeout=300)
-    secs = time.monotonic() - start
-    cpu = cpu_seconds(q.proc.pid) - cpu0
-    q.quit()
-    t.stop()
-    return {'MiB/s': 1024 / secs, 'cpu_s_per_GiB': cpu}
+    with Setup(build, 1024 * MiB, data=True) as s:
+        cpu0, start = cpu_seconds(s.q.proc.pid), time.monotonic()
+        s.q.mirror()
+        if not s.q.wait(['BLOCK_JOB_READY'], 300):
+            raise RuntimeError('no BLOCK_JOB_READY')
+        secs = time.monotonic() - start
+        cpu = cpu_seconds(s.q.proc.pid) - cpu0
+        return {'MiB/s': 1024 / secs, 'cpu_s_per_GiB': cpu}
 
 
-def dead_target_cancel(build, policy):
-    q, t = setup(build, 64 * MiB)
-    q.mirror(**{'on-target-error': policy})
-    q.wait(['BLOCK_JOB_READY'])
-    t.kill()
-    cpu0, start = cpu_seconds(q.proc.pid), time.monotonic()
-    # As in the report: cancel, while the guest writes
-    q.cmd('block-job-cancel', {'device': 'm'})
-    q.write(0, '4M')
-    slowest, ended = 0.0, None
-    while time.monotonic() - start < BOUND:
-        t0 = time.monotonic()
-        q.cmd('query-block-jobs')
-        slowest = max(slowest, time.monotonic() - t0)
-        while True:
-            try:
-                ev = q.pull()
-            except Exception:
-                break
-            if not ev:
-                break
-            if ev['event'] in ('BLOCK_JOB_COMPLETED', 'BLOCK_JOB_CANCELLED'):
+def dead_target(build, policy):
+    """The target dies while READY; the manager cancels (soft) while the
+    guest writes, as in report 000"""
+    with Setup(build, 64 * MiB) as s:
+        s.q.mirror(**{'on-target-error': policy})
+        s.q.wait(['BLOCK_JOB_READY'], 30)
+        s.target.kill()
+        cpu0, start = cpu_seconds(s.q.proc.pid), time.monotonic()
+        s.q.cmd('block-job-cancel', {'device': 'm'})
+        s.q.write(0, '4M')
+        slowest, ended = 0.0, None
+        while ended is None and time.monotonic() - start < DEAD_BOUND:
+            t0 = time.monotonic()
+            s.q.cmd('query-block-jobs')
+            slowest = max(slowest, time.monotonic() - t0)
+            s.q.pull_all()
+            if s.q.wait(['BLOCK_JOB_COMPLETED', 'BLOCK_JOB_CANCELLED'], 0):
                 ended = time.monotonic() - start
-        if ended is not None:
-            break
-        time.sleep(0.05)
-    cpu = cpu_seconds(q.proc.pid) - cpu0
-    errors = sum(1 for e in q.events if e['event'] == 'BLOCK_JOB_ERROR')
-    q.quit()
-    return {'end_s': ended, 'errors': errors, 'cpu_s': cpu,
-            'slowest_qmp_s': slowest}
+            time.sleep(0.05)
+        cpu = cpu_seconds(s.q.proc.pid) - cpu0
+        s.q.pull_all()
+        return {'end_s': ended, 'errors': s.q.count('BLOCK_JOB_ERROR'),
+                'cpu_s': cpu, 'slowest_qmp_s': slowest}
 
 
 def hung_target(build, how):
-    q, t = setup(build, 64 * MiB)
-    q.mirror()
-    q.wait(['BLOCK_JOB_READY'])
-    t.signal(signal.SIGSTOP)
-    q.write(0, '8M')
-    time.sleep(0.5)
-    start = time.monotonic()
-    if how == 'quit':
-        secs = q.quit()
-    else:
-        q.cmd('block-job-cancel', {'device': 'm', 'force': how == 'force'})
-        ev = q.wait(['BLOCK_JOB_COMPLETED', 'BLOCK_JOB_CANCELLED'])
-        secs = time.monotonic() - start if ev else None
-        t.signal(signal.SIGCONT)
-        q.quit()
-    t.stop()
-    return {'end_s': secs}
+    """The target stops answering (SIGSTOP) with guest writes in flight;
+    then force cancel, soft cancel or quit"""
+    with Setup(build, 64 * MiB) as s:
+        s.q.mirror()
+        s.q.wait(['BLOCK_JOB_READY'], 30)
+        s.target.signal(signal.SIGSTOP)
+        s.q.write(0, '8M')
+        time.sleep(0.5)
+        start = time.monotonic()
+        if how == 'quit':
+            return {'end_s': s.q.quit(HUNG_BOUND)}
+        s.q.cmd('block-job-cancel', {'device': 'm', 'force': how == 'force'})
+        left = HUNG_BOUND - (time.monotonic() - start)
+        ev = s.q.wait(['BLOCK_JOB_COMPLETED', 'BLOCK_JOB_CANCELLED'], left)
+        return {'end_s': time.monotonic() - start if ev else None}
 
 
-def switchover_stall(build, limit):
+def switchover(build, limit):
     """The guest writes 32 MiB faster than the 8 MiB/s target takes them;
-    the manager completes as soon as the job says 'ready'"""
-    q, t = setup(build, 128 * MiB, bps=8 * MiB)
-    args = {'ready-dirty-limit': 4 * MiB} if limit else {}
-    r = q.mirror(**args)
-    if 'error' in r:
-        q.quit()
-        t.stop()
-        return None
-    q.wait(['BLOCK_JOB_READY'])
-    trace, start = [], time.monotonic()
-    q.write(0, '32M')
-    while True:
-        job = q.job()
-        now = time.monotonic() - start
-        trace.append((now, job['len'] - job['offset'], job['status']))
-        if job['status'] == 'ready' and now > 0.3:
-            break
-        time.sleep(0.05)
-    t_complete = time.monotonic()
-    q.cmd('block-job-complete', {'device': 'm'})
-    while not q.wait(['BLOCK_JOB_COMPLETED'], timeout=0.05):
-        job = q.job()
-        if job:
-            trace.append((time.monotonic() - start,
-                          job['len'] - job['offset'], 'completing'))
-    stall = time.monotonic() - t_complete
-    q.quit()
-    t.stop()
-    return {'stall_s': stall, 'trace': trace, 'bound_s': 4 / 8.0,
-            'waited_for_ready_s': t_complete - start}
+    the manager completes as soon as the job says 'ready' (with limit:
+    ready-dirty-limit 4 MiB, so 'ready' means at most 0.5 s behind)"""
+    with Setup(build, 128 * MiB) as s:
+        # Small copy operations, so that the progress moves in small steps
+        args = {'buf-size': MiB}
+        if limit:
+            args['ready-dirty-limit'] = 4 * MiB
+        s.q.mirror(**args)
+        s.q.wait(['BLOCK_JOB_READY'], 30)
+        s.target.throttle(8 * MiB)
+        trace, start = [], time.monotonic()
+        s.q.write(0, '32M')
+        while True:
+            job = s.q.job()
+            now = time.monotonic() - start
+            trace.append((now, job['len'] - job['offset'], job['status']))
+            if job['status'] == 'ready' and now > 0.3:
+                break
+            time.sleep(0.05)
+        t_complete = time.monotonic()
+        s.q.cmd('block-job-complete', {'device': 'm'})
+        while not s.q.wait(['BLOCK_JOB_COMPLETED'], 0.05):
+            job = s.q.job()
+            if job:
+                trace.append((time.monotonic() - start,
+                              job['len'] - job['offset'], 'completing'))
+        stall = time.monotonic() - t_complete
+        s.q.quit(HUNG_BOUND)
+        return {'stall_s': stall, 'waited_for_ready_s': t_complete - start,
+                'bound_s': 4 / 8.0 if limit else None,
+                'identical': s.identical(), 'trace': trace}
 
 
-def transient_outage(build):
-    q, t = setup(build, 64 * MiB)
-    r = q.mirror(**{'retry-limit': 10})
-    if 'error' in r:
-        q.quit()
-        t.stop()
-        return None
-    q.wait(['BLOCK_JOB_READY'])
-    t.kill()
-    q.write(0, '4M')
-    time.sleep(0.5)
-    t.start()
-    survived = False
-    deadline = time.monotonic() + BOUND
-    while time.monotonic() < deadline:
-        job = q.job()
-        if not job:
-            break
-        if job['offset'] == job['len'] and job.get('retry-count', 0) == 0:
-            survived = True
-            break
-        time.sleep(0.1)
-    if survived:
-        q.cmd('block-job-complete', {'device': 'm'})
-        q.wait(['BLOCK_JOB_COMPLETED'])
-    q.quit()
-    t.stop()
-    same = subprocess.run([f'{BUILDS[build_name(build)]}/qemu-img', 'compare',
-                           '-f', 'raw', '-F', 'raw',
-                           os.path.join(WORK, 'src.img'),
-                           os.path.join(WORK, 'tgt.img')],
-                          stdout=subprocess.DEVNULL).returncode == 0
-    return {'survived': survived, 'identical': same}
+def outage(build, retry):
+    """The target is killed while READY and the guest writes, and comes
+    back 0.5 s later; with retry-limit 10 the job should ride it out"""
+    with Setup(build, 64 * MiB) as s:
+        s.q.mirror(**({'retry-limit': 10} if retry else {}))
+        s.q.wait(['BLOCK_JOB_READY'], 30)
+        s.target.kill()
+        s.q.write(0, '4M')
+        time.sleep(0.5)
+        s.target.start()
+        survived = False
+        deadline = time.monotonic() + DEAD_BOUND
+        while time.monotonic() < deadline:
+            job = s.q.job()
+            if not job:
+                break
+            if job['offset'] == job['len'] and not job.get('retry-count'):
+                survived = True
+                break
+            time.sleep(0.1)
+        if survived:
+            s.q.cmd('block-job-complete', {'device': 'm'})
+            s.q.wait(['BLOCK_JOB_COMPLETED'], 30)
+        s.q.quit(HUNG_BOUND)
+        s.q.pull_all()
+        return {'survived': survived, 'errors': s.q.count('BLOCK_JOB_ERROR'),
+                'identical': survived and s.identical()}
 
 
-def build_name(build):
-    return [k for k, v in BUILDS.items() if v == build][0]
+def overhead(build, limit):
+    """CPU that QEMU burns per GiB a READY job copies while the guest
+    rewrites 1 GiB (with limit: ready-dirty-limit set, so the new check
+    runs on every iteration)"""
+    with Setup(build, 64 * MiB) as s:
+        s.q.mirror(**({'ready-dirty-limit': 16 * MiB} if limit else {}))
+        s.q.wait(['BLOCK_JOB_READY'], 30)
+        cpu0 = cpu_seconds(s.q.proc.pid)
+        for i in range(256):
+            s.q.write((i % 16) * 4 * MiB, '4M', pattern=i)
+        while s.q.job()['offset'] != s.q.job()['len']:
+            time.sleep(0.01)
+        cpu = cpu_seconds(s.q.proc.pid) - cpu0
+        return {'cpu_s_per_GiB': cpu}
 
 
-def stats(values):
-    vals = [v for v in values if v is not None]
-    if len(vals) < len(values):
-        return {'min': None, 'median': None, 'max': None,
-                'note': f'{len(values) - len(vals)} of {len(values)} '
-                        f'did not end within {BOUND:.0f} s'}
-    return {'min': min(vals), 'median': statistics.median(vals),
-            'max': max(vals)}
+SCENARIOS = {
+    'throughput': lambda b: throughput(b),
+    'dead-stop': lambda b: dead_target(b, 'stop'),
+    'dead-report': lambda b: dead_target(b, 'report'),
+    'dead-ignore': lambda b: dead_target(b, 'ignore'),
+    'hung-force': lambda b: hung_target(b, 'force'),
+    'hung-soft': lambda b: hung_target(b, 'soft'),
+    'hung-quit': lambda b: hung_target(b, 'quit'),
+    'switchover': lambda b: switchover(b, limit=False),
+    'switchover-limit': lambda b: switchover(b, limit=True),
+    'outage': lambda b: outage(b, retry=False),
+    'outage-retry': lambda b: outage(b, retry=True),
+    'overhead': lambda b: overhead(b, limit=False),
+    'overhead-limit': lambda b: overhead(b, limit=True),
+}
+
+# (row title, figure shown, scenario on stock, scenario on patched)
+ROWS = [
+    ('1. mirror 1 GiB to NBD on tmpfs', 'MiB/s', 'throughput', 'throughput'),
+    ('', 'CPU s per GiB', 'throughput', 'throughput'),
+    ('2. dead target, soft cancel, on-target-error=stop',
+     'time to end (s)', 'dead-stop', 'dead-stop'),
+    ('', 'BLOCK_JOB_ERROR events', 'dead-stop', 'dead-stop'),
+    ('', 'CPU s burnt', 'dead-stop', 'dead-stop'),
+    ('', 'slowest QMP reply (s)', 'dead-stop', 'dead-stop'),
+    ('2. dead target, soft cancel, on-target-error=report',
+     'time to end (s)', 'dead-report', 'dead-report'),
+    ('', 'BLOCK_JOB_ERROR events', 'dead-report', 'dead-report'),
+    ('', 'CPU s burnt', 'dead-report', 'dead-report'),
+    ('', 'slowest QMP reply (s)', 'dead-report', 'dead-report'),
+    ('2. dead target, soft cancel, on-target-error=ignore',
+     'time to end (s)', 'dead-ignore', 'dead-ignore'),
+    ('', 'BLOCK_JOB_ERROR events', 'dead-ignore', 'dead-ignore'),
+    ('', 'CPU s burnt', 'dead-ignore', 'dead-ignore'),
+    ('', 'slowest QMP reply (s)', 'dead-ignore', 'dead-ignore'),
+    ('3. hung target (SIGSTOP), force cancel', 'time to end (s)',
+     'hung-force', 'hung-force'),
+    ('3. hung target (SIGSTOP), soft cancel', 'time to end (s)',
+     'hung-soft', 'hung-soft'),
+    ('3. hung target (SIGSTOP), quit', 'time to exit (s)',
+     'hung-quit', 'hung-quit'),
+    ('4. switchover stall: complete at "ready" (stock: no limit, '
+     'patched: ready-dirty-limit 4 MiB)', 'complete -> COMPLETED (s)',
+     'switchover', 'switchover-limit'),
+    ('', 'bound: limit / target rate (s)', 'switchover', 'switchover-limit'),
+    ('', 'waited for "ready" (s)', 'switchover', 'switchover-limit'),
+    ('', 'images identical', 'switchover', 'switchover-limit'),
+    ('5. target killed, back 0.5 s later (stock: default policy, '
+     'patched: retry-limit 10)', 'job survived', 'outage', 'outage-retry'),
+    ('', 'BLOCK_JOB_ERROR events', 'outage', 'outage-retry'),
+    ('', 'images identical', 'outage', 'outage-retry'),
+    ('6. READY job, guest rewrites 1 GiB (patched: ready-dirty-limit '
+     '16 MiB)', 'CPU s per GiB copied', 'overhead', 'overhead-limit'),
+]
+
+FIGURES = {
+    'MiB/s': 'MiB/s', 'CPU s per GiB': 'cpu_s_per_GiB',
+    'time to end (s)': 'end_s', 'time to exit (s)': 'end_s',
+    'BLOCK_JOB_ERROR events': 'errors', 'CPU s burnt': 'cpu_s',
+    'slowest QMP reply (s)': 'slowest_qmp_s',
+    'complete -> COMPLETED (s)': 'stall_s', 'bound: limit / target rate (s)':
+    'bound_s', 'waited for "ready" (s)': 'waited_for_ready_s',
+    'images identical': 'identical', 'job survived': 'survived',
+    'CPU s per GiB copied': 'cpu_s_per_GiB',
+}
 
 
-def main():
-    os.makedirs(OUT, exist_ok=True)
-    res = {'machine': {'cores': os.cpu_count(),
-                       'loadavg': open('/proc/loadavg').read().split()[:3],
-                       'date': time.strftime('%Y-%m-%d %H:%M:%S')},
-           'scenarios': {}}
-    sc = res['scenarios']
-    for name, build in BUILDS.items():
-        runs = [throughput(build) for _ in range(REPEAT)]
-        sc.setdefault('throughput', {})[name] = {
-            'MiB/s': stats([r['MiB/s'] for r in runs]),
-            'cpu_s_per_GiB': stats([r['cpu_s_per_GiB'] for r in runs])}
-        for policy in ('stop', 'report', 'ignore'):
-            r = dead_target_cancel(build, policy)
-            sc.setdefault(f'dead target, soft cancel, {policy}', {})[name] = r
-        for how in ('force', 'soft', 'quit'):
-            runs = [hung_target(build, how)['end_s'] for _ in range(REPEAT)]
-            sc.setdefault(f'hung target, {how}', {})[name] = stats(runs)
-        sc.setdefault('switchover stall', {})[name] = \
-            switchover_stall(build, limit=(name == 'patched'))
-        sc.setdefault('transient outage', {})[name] = transient_outage(build)
-    with open(os.path.join(OUT, 'results.json'), 'w') as f:
-        json.dump(res, f, indent=1)
-    write_markdown(res)
-    plot(res)
+def one(scenario, build):
+    try:
+        result = SCENARIOS[scenario](build)
+    except NotApplicable as e:
+        result = {'not_applicable': str(e)}
+    json.dump(result, sys.stdout)
+
+
+def run_one(scenario, build, pydir):
+    """One run in its own process group; killed with all its QEMUs if it
+    outlives the watchdog"""
+    env = dict(os.environ, PYTHONPATH=pydir)
+    p = subprocess.Popen([sys.executable, __file__, 'one', scenario, build,
+                          pydir], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env,
+                         start_new_session=True)
+    try:
+        # stderr: tracebacks of the QMP library's reader when QEMU dies
+        out, err = p.communicate(timeout=WATCHDOG)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        return {'error': f'killed after {WATCHDOG:.0f} s'}
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)    # leftover QEMUs
+        except ProcessLookupError:
+            pass
+    if p.returncode != 0:
+        last = err.decode(errors='replace').strip().splitlines()[-1:]
+        return {'error': f'exit status {p.returncode}: {" ".join(last)}'}
+    return json.loads(out)
+
+
+def never_ended(r):
+    return 'end_s' in r and r['end_s'] is None
+
+
+def run_all(builds, pydir):
+    """results[scenario][build] = list of runs"""
+    res = {}
+    for scenario in SCENARIOS:
+        runs = res[scenario] = {name: [] for name in builds}
+        repeat = REPEATS.get(scenario, REPEAT)
+        for i in range(repeat):
+            for name, build in builds.items():
+                done = runs[name]
+                # Something that never ends, or is not there, stays so
+                if done and (never_ended(done[0]) or 'error' in done[0] or
+                             'not_applicable' in done[0]):
+                    continue
+                print(f'bench: {scenario} {name} {i + 1}/{repeat}',
+                      file=sys.stderr, flush=True)
+                done.append(run_one(scenario, build, pydir))
+    return res
 
 
 def fmt(v):
-    if v is None:
-        return 'never (bound {:.0f} s)'.format(BOUND)
+    if isinstance(v, bool):
+        return 'yes' if v else 'no'
     if isinstance(v, float):
         return f'{v:.3g}'
     return str(v)
 
 
-def cell(r):
-    if r is None:
-        return 'not applicable'
-    if 'median' in r:
-        if r['median'] is None:
-            return r['note']
-        return f"{fmt(r['median'])} ({fmt(r['min'])}-{fmt(r['max'])})"
-    return ', '.join(f'{k} {fmt(v)}' for k, v in r.items() if k != 'trace')
+def cell(runs, key, bound):
+    """median (min-max) of a figure over the runs, or what went wrong"""
+    if not runs:
+        return ''
+    first = runs[0]
+    if 'not_applicable' in first:
+        return 'not applicable (no such option)'
+    if 'error' in first:
+        return f"run failed: {first['error']}"
+    if key == 'end_s' and never_ended(first):
+        return f'never (not within {bound:.0f} s)'
+    vals = [r[key] for r in runs]
+    if any(v is None for v in vals):
+        return 'n/a' if all(v is None for v in vals) else \
+            f'{sum(v is None for v in vals)} of {len(vals)} never ended'
+    if isinstance(vals[0], bool):
+        return fmt(all(vals)) if len(set(vals)) == 1 else \
+            f'{sum(vals)} of {len(vals)}'
+    med = statistics.median(vals)
+    if len(vals) == 1 or min(vals) == max(vals):
+        return f'{fmt(med)}' + ('' if len(vals) > 1 else ' (1 run)')
+    return f'{fmt(med)} ({fmt(min(vals))}-{fmt(max(vals))})'
 
 
-def write_markdown(res):
-    sc = res['scenarios']
-    m = res['machine']
-    lines = [f"Machine: {m['cores']} cores, load {' '.join(m['loadavg'])}, "
-             f"{m['date']}. Timings: median (min-max) of {REPEAT} runs.", '',
+def bound_of(scenario):
+    return HUNG_BOUND if scenario.startswith('hung') else DEAD_BOUND
+
+
+def median_of(runs, key):
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def table(res, machine):
+    lines = [f"Machine: {machine['cores']} cores, {machine['cpu']}, "
+             f"kernel {machine['kernel']}; load average "
+             f"{machine['load_before']} before, {machine['load_after']} after; "
+             f"{machine['date']}; {machine['minutes']:.1f} minutes.", '',
+             f'Each cell: median (min-max) of {REPEAT} runs '
+             f"({REPEATS['throughput']} for throughput), stock and "
+             'patched alternating; a run that does not end within its bound '
+             'is not repeated.', '',
              '| scenario | figure | stock | patched |',
              '| --- | --- | --- | --- |']
-    tp = sc['throughput']
-    for fig in ('MiB/s', 'cpu_s_per_GiB'):
-        lines.append(f"| mirror 1 GiB to NBD (tmpfs) | {fig} | "
-                     f"{cell(tp['stock'][fig])} | {cell(tp['patched'][fig])} |")
-    ratio = tp['patched']['MiB/s']['median'] / tp['stock']['MiB/s']['median']
-    lines.append(f'| throughput ratio | patched / stock | | {ratio:.3f} |')
-    for key in sc:
-        if key == 'throughput':
-            continue
-        s, p = sc[key]['stock'], sc[key]['patched']
-        lines.append(f'| {key} | | {cell(s)} | {cell(p)} |')
-    lines.append('')
-    lines.append('Switchover stall: time from block-job-complete to '
-                 'BLOCK_JOB_COMPLETED when the manager completes as soon as '
-                 'the job says "ready" (stock: no limit; patched: '
-                 'ready-dirty-limit 4 MiB, so the bound is 4 MiB / 8 MiB/s '
-                 '= 0.5 s plus the final flush).')
-    with open(os.path.join(OUT, 'results.md'), 'w') as f:
-        f.write('\n'.join(lines) + '\n')
+    for title, figure, s_sc, p_sc in ROWS:
+        key = FIGURES[figure]
+        lines.append(f"| {title} | {figure} | "
+                     f"{cell(res[s_sc]['stock'], key, bound_of(s_sc))} | "
+                     f"{cell(res[p_sc]['patched'], key, bound_of(p_sc))} |")
+    lines += ['', '| ratio of the medians in this run | patched / stock |',
+              '| --- | --- |']
+    for what, scenario, key in (
+            ('throughput (goal >= 0.98)', 'throughput', 'MiB/s'),
+            ('CPU per GiB, bulk copy', 'throughput', 'cpu_s_per_GiB'),
+            ('CPU per GiB, READY with guest writes', None, 'cpu_s_per_GiB'),
+            ('switchover stall', None, 'stall_s')):
+        if scenario:
+            s, p = res[scenario]['stock'], res[scenario]['patched']
+        elif key == 'stall_s':
+            s, p = res['switchover']['stock'], \
+                res['switchover-limit']['patched']
+        else:
+            s, p = res['overhead']['stock'], res['overhead-limit']['patched']
+        ms, mp = median_of(s, key), median_of(p, key)
+        ratio = f'{mp / ms:.3f}' if ms and mp is not None else 'n/a'
+        lines.append(f'| {what} | {ratio} |')
+    s, p = res['throughput']['stock'], res['throughput']['patched']
+    pairs = [b['MiB/s'] / a['MiB/s'] for a, b in zip(s, p)
+             if 'MiB/s' in a and 'MiB/s' in b]
+    if pairs:
+        lines.append(f'| throughput, median of the {len(pairs)} ratios of '
+                     f'back-to-back runs (min-max) | '
+                     f'{statistics.median(pairs):.3f} '
+                     f'({min(pairs):.2f}-{max(pairs):.2f}) |')
+    return '\n'.join(lines) + '\n'
 
 
-def plot(res):
+def plot(res, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    stall = res['scenarios']['switchover stall']
     fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     colors = {'ready': '#c8e6c9', 'running': '#ffe0b2',
               'completing': '#e1bee7'}
-    for ax, name in zip(axes, ('stock', 'patched')):
-        r = stall[name]
-        if not r:
+    for ax, name, scenario in zip(axes, ('stock', 'patched'),
+                                  ('switchover', 'switchover-limit')):
+        runs = res[scenario][name]
+        if not runs or 'trace' not in runs[0]:
             ax.set_title(f'{name}: not applicable')
             continue
+        r = runs[0]
         tr = r['trace']
-        xs = [x for x, _, _ in tr]
-        ax.plot(xs, [b / MiB for _, b, _ in tr], color='black')
+        ax.plot([x for x, _, _ in tr], [b / MiB for _, b, _ in tr],
+                color='black')
         for (x0, _, st), (x1, _, _) in zip(tr, tr[1:]):
             ax.axvspan(x0, x1, color=colors.get(st, '#eeeeee'), lw=0)
-        ax.set_title(f"{name}: stall after complete {r['stall_s']:.2f} s")
+        ax.axvline(r['waited_for_ready_s'], color='red', ls='--')
+        limit = ', ready-dirty-limit 4 MiB' if name == 'patched' else ''
+        ax.set_title(f"{name}{limit}: complete at the red line, "
+                     f"done {r['stall_s']:.2f} s later")
         ax.set_ylabel('MiB left to copy')
-    axes[-1].set_xlabel('seconds since the guest started writing')
+    axes[-1].set_xlabel('seconds since the guest started writing 32 MiB '
+                        '(target takes 8 MiB/s)')
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
     fig.legend(handles, list(colors), loc='upper right')
     fig.tight_layout()
-    fig.savefig(os.path.join(OUT, 'divergence.png'), dpi=80)
+    fig.savefig(path, dpi=80)
+
+
+def update_readme(readme, text):
+    begin, end = '<!-- bench:begin -->', '<!-- bench:end -->'
+    with open(readme, encoding='utf-8') as f:
+        content = f.read()
+    head, rest = content.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    with open(readme, 'w', encoding='utf-8') as f:
+        f.write(f'{head}{begin}\n{text}{end}{tail}')
+
+
+def machine_info():
+    cpu = 'unknown CPU'
+    with open('/proc/cpuinfo', encoding='ascii', errors='replace') as f:
+        for line in f:
+            if line.startswith('model name'):
+                cpu = line.split(':', 1)[1].strip()
+                break
+    return {'cores': os.cpu_count(), 'cpu': cpu,
+            'kernel': platform.release()}
+
+
+def main_all(out, readme, stock, patched, pydir):
+    os.makedirs(out, exist_ok=True)
+    start = time.monotonic()
+    machine = machine_info()
+    machine['load_before'] = f'{os.getloadavg()[0]:.2f}'
+    res = run_all({'stock': stock, 'patched': patched}, pydir)
+    machine['load_after'] = f'{os.getloadavg()[0]:.2f}'
+    machine['date'] = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
+    machine['minutes'] = (time.monotonic() - start) / 60
+    with open(os.path.join(out, 'results.json'), 'w') as f:
+        json.dump({'machine': machine, 'repeat': REPEAT, 'runs': res}, f,
+                  indent=1)
+    text = table(res, machine)
+    with open(os.path.join(out, 'results.md'), 'w') as f:
+        f.write(text)
+    plot(res, os.path.join(out, 'divergence.png'))
+    update_readme(readme, text)
+    print(text)
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    finally:
-        subprocess.run(['rm', '-rf', WORK])
+    if sys.argv[1] == 'one':
+        sys.path.insert(0, sys.argv[4])
+        one(sys.argv[2], sys.argv[3])
+    else:
+        main_all(*sys.argv[2:7])
