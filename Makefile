@@ -2,7 +2,7 @@
 # Every step is a script in scripts/; this file only names them.
 S := scripts
 
-.PHONY: all build deps tree check check-quick export bisect stock bench reset-tree clean distclean
+.PHONY: all build deps tree check check-quick check-libvirt export bisect stock bench reset-tree clean distclean
 
 all: build
 
@@ -23,6 +23,10 @@ check: build
 
 check-quick: build
 	$(S)/run-tests.sh --quick
+
+# Debian's libvirt drives the patched build (tests/libvirt/suite.py).
+check-libvirt: build
+	$(S)/check-libvirt.sh
 
 # Write the commits of build/qemu back to patches/.
 export:

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The libvirt suite: Debian 12's own libvirt drives the patched QEMU
+# (build/patched-O0), through tests/libvirt/suite.py [CASE...].
+# Installs libvirt, and runs the suite as an unprivileged user (created if
+# missing) with its own session daemons; ends with "N passed, N failed".
+. "$(dirname "$0")/lib.sh"
+
+LIBVIRT_PKGS="libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients"
+TEST_USER=qemu-libvirt-test
+# QEMU_BUILD=build/stock-O0 runs it against the unpatched build (make stock)
+BUILD_DIR=$(cd "${QEMU_BUILD:-$(build_dir patched 0)}" && pwd)
+
+[ -x "$BUILD_DIR/qemu-system-x86_64" ] || die "no QEMU build in $BUILD_DIR: run make"
+# shellcheck disable=SC2086
+"$TOP/scripts/install-deps.sh" $LIBVIRT_PKGS
+
+if [ "$(id -u)" = 0 ]; then
+    if ! id -u "$TEST_USER" >/dev/null 2>&1; then
+        log "creating the unprivileged user $TEST_USER"
+        useradd --system --create-home --home-dir "/var/lib/$TEST_USER" \
+            --shell /usr/sbin/nologin "$TEST_USER"
+    fi
+    as_user() { runuser -u "$TEST_USER" -- env HOME="/var/lib/$TEST_USER" "$@"; }
+else
+    TEST_USER=$(id -un)
+    as_user() { "$@"; }
+fi
+
+WORK=$(mktemp -d /tmp/qlv.XXXXXX)    # short: UNIX socket paths below
+chown "$TEST_USER" "$WORK"
+cleanup() {
+    # The suite stops what it started by PID; this is only the safety net
+    # for a suite that was itself killed.
+    [ "$TEST_USER" = "$(id -un)" ] || pkill -KILL -u "$TEST_USER" || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+log "libvirt suite ($(libvirtd --version)) as $TEST_USER"
+as_user "$PYTHON" "$TOP/tests/libvirt/suite.py" "$WORK" "$BUILD_DIR" \
+    "$TREE/python" "$@"

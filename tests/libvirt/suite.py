@@ -1,0 +1,555 @@
+#!/usr/bin/env python3
+"""Debian's libvirt drives the patched QEMU.
+
+    suite.py WORK_DIR BUILD_DIR QEMU_PYTHON_DIR [CASE...]
+
+Run as an unprivileged user (scripts/check-libvirt.sh sees to that).  It
+starts its own libvirtd "session" daemons, each with its own XDG
+directories and host UUID, and its own qemu-storage-daemon NBD targets,
+all by PID, and stops them at the end.  Each case asserts outcomes with
+generous time bounds; the last line is "N passed, N failed".
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import uuid
+
+from xml.sax.saxutils import escape
+
+MiB = 1024 * 1024
+DISK_SIZE = 64 * MiB
+BOUND = 60.0              # nothing here should take longer
+WORK, BUILD = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
+sys.path.insert(0, sys.argv[3])
+QEMU = os.path.join(BUILD, 'qemu-system-x86_64')
+QEMU_IMG = os.path.join(BUILD, 'qemu-img')
+QSD = os.path.join(BUILD, 'storage-daemon', 'qemu-storage-daemon')
+
+
+class Failure(Exception):
+    pass
+
+
+def check(cond, what):
+    if not cond:
+        raise Failure(what)
+
+
+def wait_for(cond, what, bound=BOUND):
+    deadline = time.monotonic() + bound
+    while not cond():
+        if time.monotonic() > deadline:
+            raise Failure(f'{what}: not within {bound:.0f} s')
+        time.sleep(0.1)
+
+
+def run(args, timeout=BOUND, env=None, ok=True):
+    """Run a command; its CompletedProcess (text).  ok: it must succeed"""
+    try:
+        p = subprocess.run(args, capture_output=True, text=True,
+                           timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as e:
+        raise Failure(f'{" ".join(args)}: no answer within {timeout:.0f} s')\
+            from e
+    if ok and p.returncode != 0:
+        raise Failure(f'{" ".join(args)}: {p.stderr.strip()}')
+    return p
+
+
+def make_image(path, pattern=None, size=DISK_SIZE):
+    run([QEMU_IMG, 'create', '-q', '-f', 'raw', path, str(size)])
+    if pattern is not None:
+        run([os.path.join(BUILD, 'qemu-io'), '-f', 'raw', '-c',
+             f'write -q -P {pattern} 0 {size}', path])
+
+
+def identical(a, b):
+    return run([QEMU_IMG, 'compare', '-q', '-f', 'raw', '-F', 'raw', a, b],
+               ok=False).returncode == 0
+
+
+class Daemon:
+    """A libvirtd session daemon with its own XDG directories (short
+    names: libvirt's UNIX socket paths below them must stay short)"""
+
+    count = 0
+
+    def __init__(self):
+        Daemon.count += 1
+        self.dir = os.path.join(WORK, f'd{Daemon.count}')
+        self.env = dict(os.environ)
+        for var, sub in (('XDG_CONFIG_HOME', 'c'),
+                         ('XDG_CACHE_HOME', 'k'),
+                         ('XDG_DATA_HOME', 'd'),
+                         ('XDG_RUNTIME_DIR', 'r')):
+            self.env[var] = os.path.join(self.dir, sub)
+            os.makedirs(self.env[var], mode=0o700, exist_ok=True)
+        conf = os.path.join(self.env['XDG_CONFIG_HOME'], 'libvirt')
+        os.makedirs(conf, exist_ok=True)
+        with open(os.path.join(conf, 'libvirtd.conf'), 'w') as f:
+            # Two daemons on one host migrate only if their UUIDs differ
+            f.write(f'host_uuid = "{uuid.uuid4()}"\n'
+                    f'log_outputs = "3:file:{self.dir}/libvirtd.log"\n')
+        self.sock = os.path.join(self.env['XDG_RUNTIME_DIR'], 'libvirt',
+                                 'libvirt-sock')
+        self.uri = f'qemu:///session?socket={self.sock}'
+        self.proc = subprocess.Popen(['libvirtd'], env=self.env,
+                                     stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_for(lambda: self.virsh('list', ok=False).returncode == 0,
+                 f'libvirtd in {self.dir} answering')
+
+    def virsh(self, *args, timeout=BOUND, ok=True):
+        return run(['virsh', '-q', '-c', self.uri] + list(args),
+                   timeout=timeout, env=self.env, ok=ok)
+
+    def qemu_pid(self, dom):
+        path = os.path.join(self.env['XDG_CONFIG_HOME'], 'libvirt', 'qemu',
+                            'run', f'{dom}.pid')
+        if not os.path.exists(path):
+            path = os.path.join(self.env['XDG_RUNTIME_DIR'], 'libvirt',
+                                'qemu', 'run', f'{dom}.pid')
+        with open(path) as f:
+            return int(f.read())
+
+    def show_logs(self):
+        """libvirt's log of each QEMU it ran, for a failed case"""
+        logs = os.path.join(self.env['XDG_CACHE_HOME'], 'libvirt', 'qemu',
+                            'log')
+        for name in sorted(os.listdir(logs)) if os.path.isdir(logs) else []:
+            with open(os.path.join(logs, name), errors='replace') as f:
+                tail = f.read().splitlines()[-15:]
+            print(f'  --- {self.dir}: {name} (end)', *tail, sep='\n  ')
+
+    def stop(self):
+        for dom in self.virsh('list', '--name', ok=False).stdout.split():
+            self.virsh('destroy', dom, ok=False)
+        self.proc.terminate()
+        try:
+            self.proc.wait(BOUND)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class NbdTarget:
+    """qemu-storage-daemon exporting a raw image as NBD export 'disk'"""
+
+    def __init__(self, name):
+        self.img = os.path.join(WORK, f'{name}.img')
+        self.sock = os.path.join(WORK, f'{name}.sock')
+        make_image(self.img)
+        self.proc = subprocess.Popen(
+            [QSD, '--blockdev', f'file,node-name=f,filename={self.img}',
+             '--blockdev', 'raw,node-name=disk,file=f',
+             '--nbd-server', f'addr.type=unix,addr.path={self.sock}',
+             '--export', 'nbd,id=e,node-name=disk,name=disk,writable=on'],
+            stderr=subprocess.DEVNULL)
+        wait_for(lambda: os.path.exists(self.sock), 'NBD socket')
+
+    def xml(self):
+        path = os.path.join(WORK, 'nbd-target.xml')
+        with open(path, 'w') as f:
+            f.write(f"""<disk type='network' device='disk'>
+  <driver name='qemu' type='raw'/>
+  <source protocol='nbd' name='disk'>
+    <host transport='unix' socket='{escape(self.sock)}'/>
+  </source>
+</disk>
+""")
+        return path
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+        self.proc.wait()
+
+
+def domain_xml(name, uid, imgs, qmp):
+    """A transient TCG domain fit for our minimal binary: no USB, no
+    balloon, no graphics; ACPI on (without it libvirt passes -no-acpi,
+    which QEMU 10 rejects).  A second QMP monitor of our own lets the
+    suite write as the guest would while libvirt holds the domain's job
+    lock (a migration)."""
+    path = os.path.join(WORK, f'{name}.xml')
+    with open(path, 'w') as f:
+        f.write(f"""<domain type='qemu'
+ xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>{name}</name>
+  <uuid>{uid}</uuid>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc-i440fx-10.0'>hvm</type></os>
+  <features><acpi/></features>
+  <devices>
+    <emulator>{escape(QEMU)}</emulator>
+{''.join(disk_xml(i, img) for i, img in enumerate(imgs))}    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+  <qemu:commandline>
+    <qemu:arg value='-qmp'/>
+    <qemu:arg value='unix:{escape(qmp)},server=on,wait=off'/>
+  </qemu:commandline>
+</domain>
+""")
+    return path
+
+
+def disk_xml(index, img):
+    """vda, vdb, ...: libvirt names their devices virtio-disk0, 1, ..."""
+    return f"""    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='{escape(img)}'/>
+      <target dev='vd{chr(ord('a') + index)}' bus='virtio'/>
+    </disk>
+"""
+
+
+class Guest:
+    """Writes as the guest would, through the virtio-blk device's
+    BlockBackend, on our own QMP monitor"""
+
+    def __init__(self, qmp_path):
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+        self.qmp = QEMUMonitorProtocol(qmp_path)
+        self.qmp.connect()
+        self.qmp.settimeout(BOUND)
+
+    def write(self, pattern, offset, length, disk=0):
+        out = self.qmp.cmd('human-monitor-command', **{'command-line': (
+            f'qemu-io -d virtio-disk{disk}/virtio-backend '
+            f'"write -q -P {pattern} {offset} {length}"')})
+        check(out == '', f'guest write failed: {out}')
+
+    def jobs(self):
+        return self.qmp.cmd('query-block-jobs')
+
+    def dirty(self, img):
+        """Bytes a copy job has yet to copy from an image: the dirty bitmap
+        of the job's filter node above it (the job's own len - offset is
+        not updated while the job waits for the target)"""
+        for n in self.qmp.cmd('query-named-block-nodes'):
+            if n['drv'] == 'mirror_top' and n['file'] == img:
+                return sum(m['count'] for m in n.get('dirty-bitmaps', []))
+        return 0
+
+    def close(self):
+        try:
+            self.qmp.close()
+        except Exception:       # QEMU is gone (migrated away, killed)
+            pass
+
+
+def hmp_write(daemon, dom, pattern, offset, length):
+    """A guest-like write through libvirt's own monitor"""
+    out = daemon.virsh('qemu-monitor-command', dom, '--hmp',
+                       f'qemu-io -d virtio-disk0/virtio-backend '
+                       f'"write -q -P {pattern} {offset} {length}"').stdout
+    check(out.strip() == '', f'write through libvirt failed: {out}')
+
+
+class Case:
+    """One test case: a daemon, a running domain on a patterned image,
+    and whatever the case adds, all stopped at the end"""
+
+    def __init__(self, name, sizes):
+        self.name = name
+        self.sizes = sizes
+        self.dom = 'lv'
+        self.cleanups = []
+        self.daemons = []
+
+    def start(self):
+        self.src = self.daemon()
+        self.imgs = [os.path.join(WORK, f'{self.name}-source{i}.img')
+                     for i in range(len(self.sizes))]
+        for img, size in zip(self.imgs, self.sizes):
+            make_image(img, pattern=0x11, size=size)
+        self.img = self.imgs[0]
+        self.qmp = os.path.join(WORK, f'{self.name}-src.qmp')
+        self.uuid = str(uuid.uuid4())
+        self.src.virsh('create', domain_xml(self.dom, self.uuid, self.imgs,
+                                            self.qmp))
+        wait_for(lambda: os.path.exists(self.qmp), 'our QMP socket')
+
+    def daemon(self):
+        d = Daemon()
+        self.daemons.append(d)
+        self.cleanups.append(d.stop)
+        return d
+
+    def target(self, name='target'):
+        t = NbdTarget(f'{self.name}-{name}')
+        self.cleanups.append(t.stop)
+        return t
+
+    def guest(self, qmp=None):
+        g = Guest(qmp or self.qmp)
+        self.cleanups.append(g.close)
+        return g
+
+    def job(self):
+        """'virsh blockjob --info' of vda ('Block Copy: [100 %]', on
+        stderr), '' when there is no job"""
+        p = self.src.virsh('blockjob', self.dom, 'vda', '--info')
+        out = (p.stdout + p.stderr).strip()
+        return out if 'Block' in out else ''
+
+    def blockcopy_ready(self, target):
+        self.src.virsh('blockcopy', self.dom, 'vda', '--xml', target.xml(),
+                       '--reuse-external', '--transient-job', '--wait',
+                       timeout=BOUND)
+        check('100 %' in self.job(), f'copy not ready: {self.job()}')
+
+    def close(self, failed):
+        if failed:
+            for d in self.daemons:
+                d.show_logs()
+        for fn in reversed(self.cleanups):
+            try:
+                fn()
+            except Exception:       # keep cleaning up
+                traceback.print_exc()
+
+
+# The cases
+
+def case_pivot(c):
+    """blockcopy to NBD, READY, pivot: the guest runs on the target"""
+    t = c.target()
+    hmp_write(c.src, c.dom, 0x22, 0, '1M')
+    c.blockcopy_ready(t)
+    hmp_write(c.src, c.dom, 0x33, '8M', '1M')      # mirrored while READY
+    c.src.virsh('blockjob', c.dom, 'vda', '--pivot')
+    check(c.job() == '', 'a job is left after the pivot')
+    blk = c.src.virsh('domblklist', c.dom).stdout
+    check('disk' in blk and c.img not in blk,
+          f'the guest does not run on the target: {blk}')
+    check(identical(c.img, t.img), 'source and target differ')
+    hmp_write(c.src, c.dom, 0x44, '16M', '1M')     # now into the target
+    run([os.path.join(BUILD, 'qemu-io'), '-f', 'raw', '-r', '-U', '-c',
+         'read -q -P 0x44 16M 1M', t.img])
+
+
+def case_abort_dead_target(c):
+    """blockcopy, target killed after READY, --abort: returns, the job is
+    gone, guest writes still succeed"""
+    t = c.target()
+    c.blockcopy_ready(t)
+    t.proc.kill()
+    t.proc.wait()
+    hmp_write(c.src, c.dom, 0x55, 0, '1M')
+    c.src.virsh('blockjob', c.dom, 'vda', '--abort', timeout=BOUND)
+    check(c.job() == '', 'the job is still there')
+    hmp_write(c.src, c.dom, 0x66, '1M', '1M')
+    check(c.img in c.src.virsh('domblklist', c.dom).stdout,
+          'the guest is not on its own disk any more')
+
+
+def case_abort_frozen_target(c):
+    """blockcopy, target frozen (SIGSTOP) with writes in flight, --abort:
+    returns within the bound, and other calls on the domain keep
+    working meanwhile and after (stock QEMU hangs here, and libvirt with
+    it: 'cannot acquire state change lock')"""
+    t = c.target()
+    c.blockcopy_ready(t)
+    t.proc.send_signal(signal.SIGSTOP)
+    g = c.guest()
+    g.write(0x77, 0, '4M')          # copied to the frozen target: hangs
+    start = time.monotonic()
+    abort = threading.Thread(target=lambda: c.src.virsh(
+        'blockjob', c.dom, 'vda', '--abort', timeout=BOUND, ok=False))
+    abort.start()
+    time.sleep(1)
+    # Another call that needs the domain's job lock, while the abort runs
+    c.src.virsh('qemu-monitor-command', c.dom, '--hmp', 'info status',
+                timeout=BOUND)
+    abort.join(BOUND)
+    check(not abort.is_alive(), 'virsh blockjob --abort did not return')
+    took = time.monotonic() - start
+    check(c.job() == '', 'the job is still there')
+    hmp_write(c.src, c.dom, 0x78, '4M', '1M')
+    check(c.src.virsh('domstate', c.dom).stdout.strip() == 'running',
+          'the domain is not running')
+    print(f'  (abort returned after {took:.1f} s)')
+
+
+def migrate_args(c, dst, qmp):
+    """The destination's own disks, and virsh migrate's arguments"""
+    dst_imgs = [os.path.join(WORK, f'{c.name}-dest{i}.img')
+                for i in range(len(c.sizes))]
+    for img, size in zip(dst_imgs, c.sizes):
+        make_image(img, size=size)
+    return dst_imgs, ['migrate', '--live', '--copy-storage-all', '--verbose',
+                     '--xml', domain_xml(c.dom, c.uuid, dst_imgs, qmp),
+                     '--migrateuri', 'tcp://127.0.0.1',
+                     '--disks-uri', 'tcp://127.0.0.1',
+                     c.dom, dst.uri]
+
+
+def case_migrate(c):
+    """migrate --live --copy-storage-all between two session daemons"""
+    dst = c.daemon()
+    hmp_write(c.src, c.dom, 0x22, 0, '2M')
+    dst_imgs, args = migrate_args(c, dst, os.path.join(WORK, 'mig-dst.qmp'))
+    c.src.virsh(*args, timeout=BOUND * 2)
+    check(dst.virsh('domstate', c.dom).stdout.strip() == 'running',
+          'the domain does not run on the destination')
+    check(c.src.virsh('domstate', c.dom, ok=False).returncode != 0,
+          'the domain is still on the source')
+    check(all(map(identical, c.imgs, dst_imgs)),
+          'source and destination disks differ')
+
+
+def case_migrate_dest_killed(c):
+    """The destination QEMU is killed during the storage copy: migrate
+    fails cleanly, the source keeps running and writable"""
+    dst = c.daemon()
+    _, args = migrate_args(c, dst, os.path.join(WORK, 'kill-dst.qmp'))
+    # 2 MiB/s: the copy of 64 MiB takes long enough to kill during it
+    mig = subprocess.Popen(['virsh', '-q', '-c', c.src.uri] + args +
+                           ['--bandwidth', '2'], env=c.src.env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    wait_for(lambda: dst.virsh('domstate', c.dom, ok=False).returncode == 0,
+             'the destination domain')
+    time.sleep(2)
+    os.kill(dst.qemu_pid(c.dom), signal.SIGKILL)
+    try:
+        _, err = mig.communicate(timeout=BOUND)
+    except subprocess.TimeoutExpired as e:
+        mig.kill()
+        raise Failure('virsh migrate did not return') from e
+    check(mig.returncode != 0, 'migrate succeeded with a dead destination')
+    check(c.src.virsh('domstate', c.dom).stdout.strip() == 'running',
+          'the source domain is not running')
+    check(c.job() == '', 'a block job is left on the source')
+    hmp_write(c.src, c.dom, 0x99, 0, '1M')
+    print(f'  (migrate failed with: {err.strip().splitlines()[-1]})')
+
+
+def case_migrate_outpaced(c):
+    """Guest writes outpace a slow copy while the copy is READY: libvirt
+    still sees 'ready' (the fallback is off unless asked for), its
+    migration completes (its soft cancel at pre-switchover still means
+    'finish the copy'), and the disks are identical.
+
+    Two disks, and --bandwidth for a slow bulk copy: libvirt starts the
+    RAM migration once every copy is ready, so vda (16 MiB) is ready while
+    vdb (64 MiB) is still copying; the guest writes to vda in that window.
+    The bandwidth alone does not let a READY copy fall behind (a job's
+    rate limit lets a burst of a whole iteration through), so the
+    destination QEMU is also frozen for the 2 s of writes: a stalled
+    network."""
+    dst = c.daemon()
+    dst_imgs, args = migrate_args(c, dst, os.path.join(WORK, 'slow-dst.qmp'))
+    g = c.guest()
+    stop = threading.Event()
+    written, seen = [], []      # MiB written; vda's (status, bytes behind)
+
+    def look():
+        for j in g.jobs():
+            if j['device'].endswith('virtio-disk0'):
+                seen.append((j['status'], g.dirty(c.imgs[0])))
+        return seen[-1][0] if seen else None
+
+    def writer():
+        # Once vda's copy is ready: about 14 MiB/s over all of vda for
+        # 2 s, with the destination frozen; then the guest goes quiet, so
+        # that the copy can converge.  Only while the guest runs: writes
+        # once the source stopped for the switchover would not be a
+        # guest's.
+        while not stop.is_set() and look() != 'ready':
+            time.sleep(0.1)
+        dest_qemu = dst.qemu_pid(c.dom)
+        os.kill(dest_qemu, signal.SIGSTOP)
+        try:
+            end = time.monotonic() + 2
+            i = 0
+            while not stop.is_set() and time.monotonic() < end and \
+                    g.qmp.cmd('query-status')['running']:
+                g.write(0x20 + i % 64, (i % 16) * MiB, '1M')
+                written.append(i)
+                look()
+                i += 1
+                time.sleep(0.05)
+        finally:
+            os.kill(dest_qemu, signal.SIGCONT)
+        while not stop.is_set():
+            try:
+                look()
+            except Exception:   # the source QEMU ended: migrated
+                return
+            time.sleep(0.2)
+
+    w = threading.Thread(target=writer)
+    w.start()
+    try:
+        c.src.virsh(*args, '--bandwidth', '4', timeout=BOUND * 2)
+    finally:
+        stop.set()
+        w.join()
+    statuses = [st for st, _ in seen]
+    check('ready' in statuses, f'the copy was never ready: {statuses}')
+    after = set(statuses[statuses.index('ready'):])
+    check(after <= {'ready', 'standby'},
+          f'the job left READY without ready-dirty-limit: {after}')
+    behind = max(b for st, b in seen if st == 'ready')
+    check(behind >= 4 * MiB, f'the guest never outpaced the copy '
+          f'(at most {behind} bytes behind while ready)')
+    print(f'  ({len(written)} MiB written while vda was ready, up to '
+          f'{behind / MiB:.0f} MiB behind)')
+    check(dst.virsh('domstate', c.dom).stdout.strip() == 'running',
+          'the domain does not run on the destination')
+    check(all(map(identical, c.imgs, dst_imgs)),
+          'source and destination disks differ')
+
+
+# (name, function, sizes of the domain's disks)
+CASES = [('blockcopy-pivot', case_pivot, [DISK_SIZE]),
+         ('blockcopy-abort-dead-target', case_abort_dead_target, [DISK_SIZE]),
+         ('blockcopy-abort-frozen-target', case_abort_frozen_target,
+          [DISK_SIZE]),
+         ('migrate-copy-storage', case_migrate, [DISK_SIZE]),
+         ('migrate-dest-killed', case_migrate_dest_killed, [DISK_SIZE]),
+         ('migrate-writes-outpace-copy', case_migrate_outpaced,
+          [16 * MiB, DISK_SIZE])]
+
+
+def main():
+    wanted = sys.argv[4:]
+    passed = failed = 0
+    for name, fn, sizes in CASES:
+        if wanted and name not in wanted:
+            continue
+        start = time.monotonic()
+        c = Case(name, sizes)
+        result = 'FAIL'
+        try:
+            c.start()
+            fn(c)
+            result = 'ok'
+            passed += 1
+        except Exception as e:      # a failure, or something broke
+            result = f'FAIL: {e}'
+            if not isinstance(e, Failure):
+                traceback.print_exc()
+            failed += 1
+        finally:
+            c.close(failed=result != 'ok')
+        print(f'{name}: {result} ({time.monotonic() - start:.1f} s)',
+              flush=True)
+    shutil.rmtree(WORK, ignore_errors=True)
+    print(f'{passed} passed, {failed} failed')
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
