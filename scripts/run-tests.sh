@@ -35,16 +35,30 @@ tally() {   # tally NAME
 }
 
 run_iotests() {   # run_iotests OPTION TEST...
-    local opt=$1 t tests=() reason log
+    local opt=$1 t tests=() reason log src missing=()
     shift
+    # The source tree of this build: tests added by a later patch are not
+    # there when `make bisect` tests an earlier one.
+    src=$(dirname "$(readlink -f "$out/tests/qemu-iotests/check")")
     for t in "$@"; do
         reason=$(excluded_reason "$opt" "$t")
         if [ -n "$reason" ]; then
             printf '  excluded %s %s: %s\n' "$opt" "$t" "$reason"
+        elif [ ! -f "$src/$t" ] && [ ! -f "$src/tests/$t" ]; then
+            missing+=("$t")
         else
             tests+=("$t")
         fi
     done
+    if [ ${#missing[@]} -gt 0 ]; then
+        if [ $quick = 1 ]; then
+            printf '  not in this tree yet: %s\n' "${missing[*]}"
+        else
+            printf 'not ok - %s is missing from the tree\n' "${missing[@]}" |
+                tally "iotests $opt (missing)"
+        fi
+    fi
+    [ ${#tests[@]} -gt 0 ] || return 0
     log=$LOGS/iotests$opt.log
     # One test at a time: several timing-sensitive tests (e.g. 185) race
     # when two run side by side on a 2-core machine.

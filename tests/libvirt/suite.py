@@ -102,14 +102,21 @@ class Daemon:
         self.proc = subprocess.Popen(['libvirtd'], env=self.env,
                                      stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-        wait_for(lambda: self.virsh('list', ok=False).returncode == 0,
-                 f'libvirtd in {self.dir} answering')
+        try:
+            wait_for(lambda: self.virsh('list', ok=False).returncode == 0,
+                     f'libvirtd in {self.dir} answering')
+        except Failure:
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
     def virsh(self, *args, timeout=BOUND, ok=True):
         return run(['virsh', '-q', '-c', self.uri] + list(args),
                    timeout=timeout, env=self.env, ok=ok)
 
     def qemu_pid(self, dom):
+        """The PID of the domain's QEMU, from libvirt's PID file (under the
+        config or the runtime directory, depending on libvirt's version)"""
         path = os.path.join(self.env['XDG_CONFIG_HOME'], 'libvirt', 'qemu',
                             'run', f'{dom}.pid')
         if not os.path.exists(path):
@@ -151,7 +158,11 @@ class NbdTarget:
              '--nbd-server', f'addr.type=unix,addr.path={self.sock}',
              '--export', 'nbd,id=e,node-name=disk,name=disk,writable=on'],
             stderr=subprocess.DEVNULL)
-        wait_for(lambda: os.path.exists(self.sock), 'NBD socket')
+        try:
+            wait_for(lambda: os.path.exists(self.sock), 'NBD socket')
+        except Failure:
+            self.stop()
+            raise
 
     def xml(self):
         path = os.path.join(WORK, 'nbd-target.xml')
@@ -222,9 +233,9 @@ class Guest:
         self.qmp.connect()
         self.qmp.settimeout(BOUND)
 
-    def write(self, pattern, offset, length, disk=0):
+    def write(self, pattern, offset, length):
         out = self.qmp.cmd('human-monitor-command', **{'command-line': (
-            f'qemu-io -d virtio-disk{disk}/virtio-backend '
+            f'qemu-io -d virtio-disk0/virtio-backend '
             f'"write -q -P {pattern} {offset} {length}"')})
         check(out == '', f'guest write failed: {out}')
 
