@@ -66,7 +66,7 @@ run_iotests() {   # run_iotests OPTION TEST...
         > "$log" 2>&1 || true
     # Show the diffs of failed tests: they follow "not ok" in the TAP stream.
     awk '/^not ok/ {show = 1} /^(ok|# running)/ {show = 0} show' "$log" | head -n 200
-    # Some stock tests race on a loaded machine (e.g. 185: an event that
+    # Some stock tests race on a loaded machine (e.g. 185 did: an event that
     # comes before the command's reply). Run a failed test once more; it
     # counts as passed only if it passes then, and is named as flaky.
     local failed
