@@ -377,7 +377,10 @@ def overhead(build, limit):
         cpu0 = cpu_seconds(s.q.proc.pid)
         for i in range(256):
             s.q.write((i % 16) * 4 * MiB, '4M', pattern=i)
-        while s.q.job()['offset'] != s.q.job()['len']:
+        while True:
+            job = s.q.job()
+            if job['offset'] == job['len']:
+                break
             time.sleep(0.01)
         cpu = cpu_seconds(s.q.proc.pid) - cpu0
         return {'cpu_s_per_GiB': cpu}
@@ -403,21 +406,13 @@ SCENARIOS = {
 ROWS = [
     ('1. mirror 1 GiB to NBD on tmpfs', 'MiB/s', 'throughput', 'throughput'),
     ('', 'CPU s per GiB', 'throughput', 'throughput'),
-    ('2. dead target, soft cancel, on-target-error=stop',
-     'time to end (s)', 'dead-stop', 'dead-stop'),
-    ('', 'BLOCK_JOB_ERROR events', 'dead-stop', 'dead-stop'),
-    ('', 'CPU s burnt', 'dead-stop', 'dead-stop'),
-    ('', 'slowest QMP reply (s)', 'dead-stop', 'dead-stop'),
-    ('2. dead target, soft cancel, on-target-error=report',
-     'time to end (s)', 'dead-report', 'dead-report'),
-    ('', 'BLOCK_JOB_ERROR events', 'dead-report', 'dead-report'),
-    ('', 'CPU s burnt', 'dead-report', 'dead-report'),
-    ('', 'slowest QMP reply (s)', 'dead-report', 'dead-report'),
-    ('2. dead target, soft cancel, on-target-error=ignore',
-     'time to end (s)', 'dead-ignore', 'dead-ignore'),
-    ('', 'BLOCK_JOB_ERROR events', 'dead-ignore', 'dead-ignore'),
-    ('', 'CPU s burnt', 'dead-ignore', 'dead-ignore'),
-    ('', 'slowest QMP reply (s)', 'dead-ignore', 'dead-ignore'),
+] + [
+    (f'2. dead target, soft cancel, on-target-error={policy}'
+     if i == 0 else '', figure, f'dead-{policy}', f'dead-{policy}')
+    for policy in ('stop', 'report', 'ignore')
+    for i, figure in enumerate(('time to end (s)', 'BLOCK_JOB_ERROR events',
+                                'CPU s burnt', 'slowest QMP reply (s)'))
+] + [
     ('3. hung target (SIGSTOP), force cancel', 'time to end (s)',
      'hung-force', 'hung-force'),
     ('3. hung target (SIGSTOP), soft cancel', 'time to end (s)',
