@@ -43,7 +43,7 @@ if [ ! -f "$out/build.ninja" ]; then
     (cd "$out" && "$src/configure" --python="$PYTHON" --cc="ccache cc" \
         --target-list=x86_64-softmmu --with-devices-x86_64=block-tests \
         --without-default-features --without-default-devices \
-        --enable-tools --enable-linux-aio --enable-linux-io-uring \
+        --enable-tools --enable-linux-aio --enable-linux-io-uring --enable-gnutls \
         --disable-docs --disable-download --disable-install-blobs \
         $opt) > "$out/configure.log" 2>&1 ||
         { tail -n 30 "$out/configure.log"; die "configure failed (log: $out/configure.log)"; }

@@ -9,9 +9,9 @@
 BUILD_PKGS="build-essential git ccache ninja-build pkg-config flex bison
  python3 python3-venv python3-tomli xz-utils dpkg-dev
  libglib2.0-dev libpixman-1-dev libfdt-dev zlib1g-dev libzstd-dev
- libaio-dev liburing-dev libnbd-dev seabios qemu-system-data"
+ libaio-dev liburing-dev libnbd-dev libgnutls28-dev seabios qemu-system-data"
 # Tests and fault injection.
-TEST_PKGS="nbdkit python3-libnbd procps"
+TEST_PKGS="nbdkit python3-libnbd procps gnutls-bin python3-hypothesis"
 BACKPORT_PKGS="meson"
 
 APT_DIR=/etc/apt/sources.list.d
