@@ -2,7 +2,7 @@
 # Every step is a script in scripts/; this file only names them.
 S := scripts
 
-.PHONY: all build deps tree check check-quick check-libvirt export bisect stock bench reset-tree clean distclean
+.PHONY: all build deps tree check check-quick check-libvirt export bisect stock bench stress reset-tree clean distclean
 
 all: build
 
@@ -43,6 +43,12 @@ stock: tree
 # Stock vs patched benchmarks (-O2 builds) into bench/results/.
 bench: tree
 	$(S)/bench.sh
+
+# Stateful stress test of mirror jobs (tests/stress/), build/patched-O0 vs
+# build/stock-O0; STRESS_BUILD, STOCK_BUILD, STRESS_TIME, STRESS_EXAMPLES,
+# SEED, REPLAY=file: see scripts/stress.sh.
+stress:
+	$(S)/stress.sh
 
 # Throw away build/qemu (and its worktrees) and the builds; keep the download.
 reset-tree:

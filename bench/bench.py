@@ -24,7 +24,11 @@ import sys
 import tempfile
 import time
 
-MiB = 1024 * 1024
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                '..', 'tests', 'pylib'))
+from qemu_procs import (MiB, QmpTimeout, StorageDaemon, Vm,  # noqa: E402
+                        cpu_seconds, kill_group)
+
 REPEAT = 5
 # Throughput: this many rounds of one copy on each build, all in one
 # process, after a copy on each that is not counted (the first copies are
@@ -37,73 +41,23 @@ WATCHDOG = 120.0      # a run that takes longer is killed
 SHM = '/dev/shm'
 
 
-def cpu_seconds(pid):
-    with open(f'/proc/{pid}/stat', encoding='ascii') as f:
-        fields = f.read().rsplit(')', 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
-
-
 class NotApplicable(Exception):
     """The build lacks an option that the scenario needs"""
 
 
-class Target:
-    """qemu-storage-daemon exporting an image over NBD (unix socket),
+def Target(build, img, sock):
+    """qemu-storage-daemon exporting img over NBD (unix socket sock),
     behind a throttle group that throttle() limits"""
-
-    def __init__(self, build, img, sock):
-        self.mon = sock + '.qmp'
-        self.args = [f'{build}/storage-daemon/qemu-storage-daemon',
-                     '--chardev', f'socket,id=mon,path={self.mon},'
-                                  'server=on,wait=off',
-                     '--monitor', 'mon',
-                     '--object', 'throttle-group,id=thr',
-                     '--blockdev', f'file,node-name=file,filename={img}',
-                     '--blockdev', 'raw,node-name=raw,file=file',
-                     '--blockdev', 'throttle,node-name=top,'
-                                   'throttle-group=thr,file=raw',
-                     '--nbd-server', f'addr.type=unix,addr.path={sock}',
-                     '--export', 'nbd,id=e,node-name=top,name=t,writable=on']
-        self.sock = sock
-        self.start()
-
-    def start(self):
-        if os.path.exists(self.sock):
-            os.unlink(self.sock)
-        self.proc = subprocess.Popen(self.args, stderr=subprocess.DEVNULL)
-        while not (os.path.exists(self.sock) and os.path.exists(self.mon)):
-            time.sleep(0.01)
-
-    def kill(self):
-        self.proc.kill()
-        self.proc.wait()
-
-    def throttle(self, bps):
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-        with QEMUMonitorProtocol(self.mon) as mon:
-            mon.connect()
-            mon.cmd('qom-set', path='thr', property='limits',
-                    value={'bps-write': bps})
-
-    def signal(self, sig):
-        self.proc.send_signal(sig)
+    return StorageDaemon(build, img, sock, sock + '.qmp', fault_node=False)
 
 
-class Source:
+class Source(Vm):
     """A QEMU (qtest accelerator, no guest code) with a raw source image
     behind a virtio-blk device and an NBD node as the mirror target"""
 
     def __init__(self, build, work, img, sock):
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-        path = os.path.join(work, 'qmp.sock')
-        self.qmp = QEMUMonitorProtocol(path, server=True)
-        self.proc = subprocess.Popen(
-            [f'{build}/qemu-system-x86_64', '-M', 'pc', '-accel', 'qtest',
-             '-nodefaults', '-display', 'none', '-qmp', f'unix:{path}'],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.qmp.accept(30)
-        # A command that does not answer within this is a hang
-        self.qmp.settimeout(HUNG_BOUND)
+        # A command that does not answer within HUNG_BOUND is a hang
+        super().__init__(build, work, timeout=HUNG_BOUND)
         self.ok('blockdev-add', {'node-name': 'src', 'driver': 'raw',
                                  'file': {'driver': 'file',
                                           'filename': img}})
@@ -114,17 +68,16 @@ class Source:
                                  'file': {'driver': 'nbd', 'export': 't',
                                           'server': {'type': 'unix',
                                                      'path': sock}}})
-        self.events = []
 
-    def cmd(self, name, args=None):
+    def cmd(self, name, args=None, timeout=None):
         """The reply, or None if there was none in time"""
         try:
-            return self.qmp.cmd_raw(name, args or {})
-        except Exception:       # timeout, or QEMU gone
+            return super().cmd(name, args, timeout)
+        except QmpTimeout:
             return None
 
-    def ok(self, name, args=None):
-        r = self.cmd(name, args)
+    def ok(self, name, args=None, timeout=None):
+        r = self.cmd(name, args, timeout)
         if r is None or 'error' in r:
             raise RuntimeError(f'{name}: {r and r["error"]["desc"]}')
         return r['return']
@@ -139,56 +92,23 @@ class Source:
             raise RuntimeError(f'blockdev-mirror: {r}')
 
     def pull_all(self):
-        while True:
-            try:
-                ev = self.qmp.pull_event(wait=False)
-            except Exception:
-                return
-            if not ev:
-                return
-            self.events.append(ev)
+        self.q.pull_events()
 
     def wait(self, names, timeout):
         """The first event named in names (seen before or until timeout),
         or None"""
-        deadline = time.monotonic() + timeout
-        while True:
-            for ev in self.events:
-                if ev['event'] in names:
-                    return ev
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            try:
-                ev = self.qmp.pull_event(wait=min(0.1, left))
-            except Exception:       # nothing within this slice
-                continue
-            if ev:
-                self.events.append(ev)
+        return self.q.wait_event(names, timeout)
 
     def count(self, name):
-        return sum(1 for e in self.events if e['event'] == name)
+        return self.q.count(name)
 
     def write(self, offset, length, pattern=7):
-        self.ok('human-monitor-command', {
-            'command-line': f'qemu-io -d vblk/virtio-backend '
-                            f'"write -P {pattern} {offset} {length}"'})
+        self.qemu_io('vblk/virtio-backend',
+                     f'write -P {pattern} {offset} {length}')
 
     def job(self):
         jobs = self.ok('query-block-jobs')
         return jobs[0] if jobs else None
-
-    def quit(self, timeout):
-        """Seconds until QEMU exited after 'quit', or None (then killed)"""
-        start = time.monotonic()
-        self.cmd('quit')
-        try:
-            self.proc.wait(timeout)
-            return time.monotonic() - start
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return None
 
 
 class Setup:
@@ -225,11 +145,8 @@ class Setup:
         return self
 
     def __exit__(self, *exc):
-        for p in (self.q.proc, self.target.proc):
-            if p.poll() is None:
-                p.send_signal(signal.SIGCONT)
-                p.kill()
-                p.wait()
+        self.q.kill()
+        kill_group(self.target.proc)
         shutil.rmtree(self.work)
 
 

@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# The libvirt suite: Debian 12's own libvirt drives the patched QEMU
+# The libvirt suite: Debian's libvirt drives the patched QEMU
 # (build/patched-O0), through tests/libvirt/suite.py [CASE...].
-# Installs libvirt, and runs the suite as an unprivileged user (created if
-# missing) with its own session daemons; ends with "N passed, N failed".
+# Installs libvirt (11.3 from bookworm-backports, the libvirt of Debian 13;
+# LIBVIRT_RELEASE=bookworm for Debian 12's own 9.0), and runs the suite as
+# an unprivileged user (created if missing) with its own session daemons;
+# ends with "N passed, N failed".
 . "$(dirname "$0")/lib.sh"
 
+LIBVIRT_RELEASE=${LIBVIRT_RELEASE:-bookworm-backports}
 LIBVIRT_PKGS="libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients"
 TEST_USER=qemu-libvirt-test
 # QEMU_BUILD=build/stock-O0 runs it against the unpatched build (make stock)
 BUILD_DIR=$(cd "${QEMU_BUILD:-$(build_dir patched 0)}" && pwd)
 
 [ -x "$BUILD_DIR/qemu-system-x86_64" ] || die "no QEMU build in $BUILD_DIR: run make"
-# shellcheck disable=SC2086
-"$TOP/scripts/install-deps.sh" $LIBVIRT_PKGS
+# PKG/RELEASE: that release's version, up- or downgraded as needed
+pkgs=()
+for p in $LIBVIRT_PKGS; do pkgs+=("$p/$LIBVIRT_RELEASE"); done
+"$TOP/scripts/install-deps.sh" "${pkgs[@]}"
 
 if [ "$(id -u)" = 0 ]; then
     if ! id -u "$TEST_USER" >/dev/null 2>&1; then
@@ -27,15 +32,20 @@ else
 fi
 
 WORK=$(mktemp -d /tmp/qlv.XXXXXX)    # short: UNIX socket paths below
+LOGS=${LIBVIRT_LOGS:-$BUILD/libvirt-logs}   # the last run's logs, a directory a case
 chown "$TEST_USER" "$WORK"
 cleanup() {
     # The suite stops what it started by PID; this is only the safety net
     # for a suite that was itself killed.
     [ "$TEST_USER" = "$(id -un)" ] || pkill -KILL -u "$TEST_USER" || true
+    if [ -d "$WORK/logs" ]; then
+        rm -rf "$LOGS"
+        cp -r "$WORK/logs" "$LOGS" || true
+    fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-log "libvirt suite ($(libvirtd --version)) as $TEST_USER"
+log "libvirt suite ($(libvirtd --version)) as $TEST_USER; logs in $LOGS"
 as_user "$PYTHON" "$TOP/tests/libvirt/suite.py" "$WORK" "$BUILD_DIR" \
     "$TREE/python" "$@"

@@ -3,6 +3,9 @@
 #  - Debian 12 (bookworm) binary packages, plus bookworm-backports for meson >= 1.5
 #  - Debian 13 (trixie) as deb-src only, for `apt-get source qemu` (never as deb)
 # Idempotent: does nothing when everything is present.
+# Arguments: more packages; PKG/RELEASE (e.g. libvirt-daemon/bookworm-backports)
+# wants that release's version, installed (or up- or downgraded) with what it
+# depends on from the same release.
 . "$(dirname "$0")/lib.sh"
 
 # Build: compiler tool chain, QEMU's host libraries, firmware for the PC machine.
@@ -50,9 +53,20 @@ EOS
 missing() {
     local p
     for p in "$@"; do
+        case $p in */*) release_differs "$p" && echo "$p"; continue ;; esac
         dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed' ||
             echo "$p"
     done
+}
+
+# release_differs PKG/RELEASE: PKG is not installed in RELEASE's version.
+release_differs() {
+    local want have
+    want=$(apt-cache madison "${1%/*}" 2>/dev/null |
+           awk -F' [|] ' -v r=" ${1#*/}/" 'index($3, r) {print $2; exit}')
+    have=$(dpkg-query -W -f='${Status} ${Version}\n' "${1%/*}" 2>/dev/null |
+           awk '/^install ok installed / {print $4}')
+    [ -z "$want" ] || [ "$want" != "$have" ]
 }
 
 meson_recent() {
@@ -84,5 +98,5 @@ fi
 if [ -n "$need" ]; then
     log "installing: $(echo $need)"
     # shellcheck disable=SC2086
-    apt-get install -y -q --no-install-recommends $need >/dev/null
+    apt-get install -y -q --no-install-recommends --allow-downgrades $need >/dev/null
 fi

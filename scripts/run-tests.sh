@@ -117,6 +117,17 @@ run_lint() {
     done | tally "checkpatch"
 }
 
+# The stress slice (tests/stress/stress.py ci): the corpus of reproductions
+# replayed, then a fixed-seed slice of random schedules; its failures are
+# replayed on the stock build (if there is one) to tell ours from QEMU's.
+run_stress() {
+    "$PYTHON" "$TOP/tests/stress/stress.py" ci --build "$out" \
+        --stock "$(build_dir stock 0)" --python "$TREE/python" \
+        --out "$LOGS/stress" > "$LOGS/stress.log" 2>&1 ||
+        echo "not ok - stress slice exited with status $?" >> "$LOGS/stress.log"
+    grep -E '^(not )?ok ' "$LOGS/stress.log" | tally "stress"
+}
+
 while read -r first rest; do
     case $first in ''|'#'*) continue ;; esac
     if [ "$first" = quick ]; then
@@ -129,6 +140,7 @@ while read -r first rest; do
     iotests) run_iotests $rest ;;
     unit) run_unit $rest ;;
     lint) run_lint ;;
+    stress) run_stress ;;
     *) die "tests/suite.list: unknown suite '$first'" ;;
     esac
 done < "$TOP/tests/suite.list"

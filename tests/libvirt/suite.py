@@ -8,9 +8,15 @@ starts its own libvirtd "session" daemons, each with its own XDG
 directories and host UUID, and its own qemu-storage-daemon NBD targets,
 all by PID, and stops them at the end.  Each case asserts outcomes with
 generous time bounds; the last line is "N passed, N failed".
+
+Each daemon logs its QMP traffic (what it sends, the replies and events);
+WORK_DIR/logs/CASE/ keeps those logs, and qmp.txt, the traffic of all the
+case's daemons in short; the rest of WORK_DIR is removed at the end.
 """
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -92,10 +98,13 @@ class Daemon:
             os.makedirs(self.env[var], mode=0o700, exist_ok=True)
         conf = os.path.join(self.env['XDG_CONFIG_HOME'], 'libvirt')
         os.makedirs(conf, exist_ok=True)
+        self.log = os.path.join(self.dir, 'libvirtd.log')
         with open(os.path.join(conf, 'libvirtd.conf'), 'w') as f:
-            # Two daemons on one host migrate only if their UUIDs differ
+            # Two daemons on one host migrate only if their UUIDs differ.
+            # The monitor's debug messages are its QMP traffic.
             f.write(f'host_uuid = "{uuid.uuid4()}"\n'
-                    f'log_outputs = "3:file:{self.dir}/libvirtd.log"\n')
+                    f'log_filters = "1:qemu.qemu_monitor 3:*"\n'
+                    f'log_outputs = "1:file:{self.log}"\n')
         self.sock = os.path.join(self.env['XDG_RUNTIME_DIR'], 'libvirt',
                                  'libvirt-sock')
         self.uri = f'qemu:///session?socket={self.sock}'
@@ -125,14 +134,52 @@ class Daemon:
         with open(path) as f:
             return int(f.read())
 
-    def show_logs(self):
-        """libvirt's log of each QEMU it ran, for a failed case"""
+    def qemu_logs(self):
+        """libvirt's log of each QEMU it ran"""
         logs = os.path.join(self.env['XDG_CACHE_HOME'], 'libvirt', 'qemu',
                             'log')
-        for name in sorted(os.listdir(logs)) if os.path.isdir(logs) else []:
-            with open(os.path.join(logs, name), errors='replace') as f:
+        return [os.path.join(logs, name) for name in
+                (sorted(os.listdir(logs)) if os.path.isdir(logs) else [])]
+
+    def qmp(self):
+        """libvirt's QMP traffic with its QEMUs, from the daemon's log:
+        [(time, monitor, '>' sent | '<' reply | '!' event, message)], the
+        monitors numbered from 1 in the order they appear (libvirt's
+        probe of QEMU's capabilities, then the domains)"""
+        try:
+            with open(self.log, errors='replace') as f:
+                text = f.read()
+        except OSError:
+            return []
+        out, monitors = [], {}
+        for m in QMP_LINE.finditer(text):
+            try:
+                msg, _ = json.JSONDecoder().raw_decode(m['msg'])
+            except ValueError:
+                continue
+            mon = monitors.setdefault(m['mon'], len(monitors) + 1)
+            out.append((m['time'], mon, QMP_DIRECTION[m['kind']], msg))
+        return out
+
+    def show_logs(self):
+        """For a failed case: the end of libvirt's QMP traffic and of the
+        log of each QEMU it ran"""
+        tail = [qmp_text(t) for t in self.qmp()[-40:]]
+        print(f'  --- {self.dir}: libvirt QMP traffic (end)', *tail,
+              sep='\n  ')
+        for path in self.qemu_logs():
+            with open(path, errors='replace') as f:
                 tail = f.read().splitlines()[-15:]
-            print(f'  --- {self.dir}: {name} (end)', *tail, sep='\n  ')
+            print(f'  --- {self.dir}: {os.path.basename(path)} (end)', *tail,
+                  sep='\n  ')
+
+    def save_logs(self, dest):
+        """The daemon's log and those of its QEMUs, into dest"""
+        base = os.path.basename(self.dir)
+        for path in [self.log] + self.qemu_logs():
+            if os.path.exists(path):
+                shutil.copy(path, os.path.join(
+                    dest, f'{base}-{os.path.basename(path)}'))
 
     def stop(self):
         for dom in self.virsh('list', '--name', ok=False).stdout.split():
@@ -143,6 +190,32 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+QMP_LINE = re.compile(r'^\d{4}-\d\d-\d\d (?P<time>[\d:.]+)\S*: .*?'
+                      r'QEMU_MONITOR_(?P<kind>SEND_MSG|RECV_REPLY|RECV_EVENT)'
+                      r': mon=(?P<mon>\S+) (?:msg|reply|event)=(?P<msg>.*)$',
+                      re.M)
+QMP_DIRECTION = {'SEND_MSG': '>', 'RECV_REPLY': '<', 'RECV_EVENT': '!'}
+
+
+def qmp_text(entry, width=300):
+    """One line of QMP traffic, shortened"""
+    when, mon, direction, msg = entry
+    text = json.dumps(msg, separators=(',', ':'))
+    if len(text) > width:
+        text = text[:width] + '...'
+    return f'{when} m{mon} {direction} {text}'
+
+
+def qmp_commands(traffic, mon):
+    """The QMP commands sent on one monitor, each once, in order of first
+    use"""
+    seen = {}
+    for _, m, direction, msg in traffic:
+        if m == mon and direction == '>' and 'execute' in msg:
+            seen.setdefault(msg['execute'], None)
+    return list(seen)
 
 
 class NbdTarget:
@@ -239,6 +312,24 @@ class Guest:
             f'"write -q -P {pattern} {offset} {length}"')})
         check(out == '', f'guest write failed: {out}')
 
+    def aio_write(self, pattern, offset, length):
+        """Start a write and return at once, as a guest's request is in
+        flight while the guest runs on (a synchronous qemu-io write would
+        hold QEMU's main loop, and libvirt's monitor with it, until the
+        write completes)"""
+        out = self.qmp.cmd('human-monitor-command', **{'command-line': (
+            f'qemu-io -d virtio-disk0/virtio-backend '
+            f'"aio_write -q -P {pattern} {offset} {length}"')})
+        check(out == '', f'guest write not started: {out}')
+
+    def writes(self):
+        """(completed, failed) writes of the guest's disk vda so far"""
+        for dev in self.qmp.cmd('query-blockstats'):
+            if 'virtio-disk0' in dev.get('qdev', '') + dev.get('device', ''):
+                st = dev['stats']
+                return st['wr_operations'], st['failed_wr_operations']
+        raise Failure('no blockstats for virtio-disk0')
+
     def jobs(self):
         return self.qmp.cmd('query-block-jobs')
 
@@ -307,17 +398,22 @@ class Case:
         return g
 
     def job(self):
-        """'virsh blockjob --info' of vda ('Block Copy: [100 %]', on
-        stderr), '' when there is no job"""
+        """'virsh blockjob --info' of vda ('Block Copy: [100 %]' from
+        libvirt 9.0, '[100.00 %]' from 11.x, on stderr), '' when there is
+        no job"""
         p = self.src.virsh('blockjob', self.dom, 'vda', '--info')
         out = (p.stdout + p.stderr).strip()
         return out if 'Block' in out else ''
 
-    def blockcopy_ready(self, target):
+    def blockcopy_ready(self, target, *extra):
         self.src.virsh('blockcopy', self.dom, 'vda', '--xml', target.xml(),
                        '--reuse-external', '--transient-job', '--wait',
-                       timeout=BOUND)
-        check('100 %' in self.job(), f'copy not ready: {self.job()}')
+                       *extra, timeout=BOUND)
+        check(self.ready(), f'copy not ready: {self.job()}')
+
+    def ready(self):
+        """virsh blockjob --info says the copy of vda is ready"""
+        return re.search(r'\[100(\.0+)? %\]', self.job()) is not None
 
     def close(self, failed):
         if failed:
@@ -328,6 +424,22 @@ class Case:
                 fn()
             except Exception:       # keep cleaning up
                 traceback.print_exc()
+        self.save_logs()
+
+    def save_logs(self):
+        """WORK/logs/CASE: the daemons' logs, and qmp.txt, the QMP traffic
+        of all of them in short, with the commands each daemon sent"""
+        dest = os.path.join(WORK, 'logs', self.name)
+        os.makedirs(dest, exist_ok=True)
+        with open(os.path.join(dest, 'qmp.txt'), 'w') as f:
+            for d in self.daemons:
+                d.save_logs(dest)
+                traffic = d.qmp()
+                for mon in sorted({t[1] for t in traffic}):
+                    f.write(f'=== {os.path.basename(d.dir)} m{mon}: '
+                            f'commands sent: '
+                            f'{" ".join(qmp_commands(traffic, mon))}\n')
+                f.writelines(qmp_text(t, 2000) + '\n' for t in traffic)
 
 
 # The cases
@@ -397,24 +509,26 @@ def case_abort_frozen_target(c):
     print(f'  (abort returned after {took:.1f} s)')
 
 
-def migrate_args(c, dst, qmp):
+def migrate_args(c, dst, qmp, *extra):
     """The destination's own disks, and virsh migrate's arguments"""
     dst_imgs = [os.path.join(WORK, f'{c.name}-dest{i}.img')
                 for i in range(len(c.sizes))]
     for img, size in zip(dst_imgs, c.sizes):
         make_image(img, size=size)
     return dst_imgs, ['migrate', '--live', '--copy-storage-all', '--verbose',
-                     '--xml', domain_xml(c.dom, c.uuid, dst_imgs, qmp),
-                     '--migrateuri', 'tcp://127.0.0.1',
-                     '--disks-uri', 'tcp://127.0.0.1',
-                     c.dom, dst.uri]
+                      *extra,
+                      '--xml', domain_xml(c.dom, c.uuid, dst_imgs, qmp),
+                      '--migrateuri', 'tcp://127.0.0.1',
+                      '--disks-uri', 'tcp://127.0.0.1',
+                      c.dom, dst.uri]
 
 
-def case_migrate(c):
+def case_migrate(c, *extra):
     """migrate --live --copy-storage-all between two session daemons"""
     dst = c.daemon()
     hmp_write(c.src, c.dom, 0x22, 0, '2M')
-    dst_imgs, args = migrate_args(c, dst, os.path.join(WORK, 'mig-dst.qmp'))
+    dst_imgs, args = migrate_args(c, dst, os.path.join(WORK, 'mig-dst.qmp'),
+                                  *extra)
     c.src.virsh(*args, timeout=BOUND * 2)
     check(dst.virsh('domstate', c.dom).stdout.strip() == 'running',
           'the domain does not run on the destination')
@@ -528,6 +642,193 @@ def case_migrate_outpaced(c):
           'source and destination disks differ')
 
 
+def case_migrate_sync(c):
+    """migrate --live --copy-storage-all --copy-storage-synchronous-writes
+    (the copy in write-blocking mode) between two session daemons, disks
+    identical"""
+    case_migrate(c, '--copy-storage-synchronous-writes')
+
+
+# A guest's writes to a disk whose copy target stopped answering: within
+# this many seconds they complete (a Linux guest's SCSI disks time out
+# after 30 s)
+GUEST_BOUND = 30.0
+
+
+def expect(problems, cond, what):
+    """check(), but noted in problems and the case goes on, so that one
+    run tells all that went wrong"""
+    if not cond:
+        problems.append(what)
+        print(f'  ({what})', flush=True)
+    return cond
+
+
+def writes_complete(g, before, n, bound=GUEST_BOUND):
+    """Whether n guest writes started after blockstats `before` (and all
+    others) completed within bound, none of them failed"""
+    try:
+        wait_for(lambda: g.writes()[0] >= before[0] + n, 'guest writes',
+                 bound)
+    except Failure:
+        return False
+    return g.writes()[1] == before[1]
+
+
+def stop_process(proc):
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
+
+
+def frozen_dest_migration(c):
+    """migrate --copy-storage-all --copy-storage-synchronous-writes at
+    2 MiB/s, the destination QEMU frozen (SIGSTOP) once the copy of vda
+    is under way, guest writes started: (destination daemon, virsh
+    migrate's process, guest, blockstats before the writes, problems)"""
+    dst = c.daemon()
+    _, args = migrate_args(c, dst, os.path.join(WORK, f'{c.name}-dst.qmp'),
+                           '--copy-storage-synchronous-writes',
+                           '--bandwidth', '2')
+    mig = subprocess.Popen(['virsh', '-q', '-c', c.src.uri] + args,
+                           env=c.src.env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    c.cleanups.append(lambda: stop_process(mig))
+    g = c.guest()
+    wait_for(lambda: any(j['offset'] > 0 for j in g.jobs()),
+             'the storage copy under way')
+    dest_qemu = dst.qemu_pid(c.dom)
+    os.kill(dest_qemu, signal.SIGSTOP)
+    c.cleanups.append(lambda: os.kill(dest_qemu, signal.SIGCONT)
+                      if os.path.exists(f'/proc/{dest_qemu}') else None)
+    problems = []
+    before = g.writes()
+    for i in range(4):          # 4 MiB, some of it where the copy is
+        g.aio_write(0x40 + i, f'{i * 8}M', '1M')
+    start = time.monotonic()
+    expect(problems, writes_complete(g, before, 4),
+           f'guest writes did not complete within {GUEST_BOUND:.0f} s of '
+           f'the destination freezing')
+    print(f'  (guest writes: {time.monotonic() - start:.1f} s)')
+    return dst, mig, g, before, problems
+
+
+def migration_failed(c, mig, problems, start):
+    """virsh migrate ended within the bound, with an error"""
+    try:
+        _, err = mig.communicate(timeout=BOUND)
+    except subprocess.TimeoutExpired:
+        expect(problems, False, f'virsh migrate did not return within '
+               f'{BOUND:.0f} s')
+        return
+    expect(problems, mig.returncode != 0, 'virsh migrate succeeded')
+    last = (err.strip().splitlines() or [''])[-1]
+    print(f'  (migrate failed after {time.monotonic() - start:.1f} s: '
+          f'{last})')
+
+
+def source_runs_on(c, g, before, problems):
+    """The source domain runs, without a block job, and its guest writes"""
+    expect(problems, writes_complete(g, before, 4, 5),
+           'the guest writes started while the destination was frozen '
+           'did not complete (or failed) after the migration failed')
+    p = c.src.virsh('domstate', c.dom, ok=False)
+    expect(problems, p.stdout.strip() == 'running',
+           f'source domain not running: {(p.stdout + p.stderr).strip()}')
+    expect(problems, c.job() == '', 'a block job is left on the source')
+    now = g.writes()
+    g.aio_write(0x60, '1M', '1M')
+    expect(problems, writes_complete(g, now, 1, 10),
+           'a new guest write did not complete within 10 s')
+
+
+def case_migrate_sync_frozen_abort(c):
+    """migrate --copy-storage-synchronous-writes, the destination frozen
+    mid-copy: the guest's writes complete; virsh domjobabort returns,
+    virsh migrate fails within the bound, the source runs on and its guest
+    writes, the destination's domain is gone or destroyable"""
+    dst, mig, g, before, problems = frozen_dest_migration(c)
+    start = time.monotonic()
+    p = c.src.virsh('domjobabort', c.dom, ok=False)
+    expect(problems, p.returncode == 0,
+           f'virsh domjobabort: {p.stderr.strip()}')
+    print(f'  (domjobabort returned after {time.monotonic() - start:.1f} s)')
+    migration_failed(c, mig, problems, start)
+    source_runs_on(c, g, before, problems)
+    if dst.virsh('domstate', c.dom, ok=False).returncode == 0:
+        p = dst.virsh('destroy', c.dom, ok=False)
+        expect(problems, p.returncode == 0,
+               f'virsh destroy on the destination: {p.stderr.strip()}')
+    check(not problems, '; '.join(problems))
+
+
+def case_migrate_sync_frozen_destroy(c):
+    """migrate --copy-storage-synchronous-writes, the destination frozen
+    mid-copy: the guest's writes complete; virsh destroy of the
+    destination's domain works, virsh migrate fails within the bound, the
+    source runs on and its guest writes"""
+    dst, mig, g, before, problems = frozen_dest_migration(c)
+    start = time.monotonic()
+    p = dst.virsh('destroy', c.dom, ok=False)
+    expect(problems, p.returncode == 0,
+           f'virsh destroy on the destination: {p.stderr.strip()}')
+    print(f'  (destroy returned after {time.monotonic() - start:.1f} s)')
+    migration_failed(c, mig, problems, start)
+    source_runs_on(c, g, before, problems)
+    check(not problems, '; '.join(problems))
+
+
+def case_sync_abort_frozen_target(c):
+    """blockcopy --synchronous-writes (write-blocking), READY, the target
+    frozen (SIGSTOP) with guest writes in flight: blockjob --abort
+    returns within the bound, other calls on the domain keep working
+    meanwhile, and the guest's writes complete"""
+    t = c.target()
+    c.blockcopy_ready(t, '--synchronous-writes')
+    g = c.guest()
+    t.proc.send_signal(signal.SIGSTOP)
+    before = g.writes()
+    g.aio_write(0x77, 0, '1M')      # to the frozen target as well: waits
+    g.aio_write(0x78, '8M', '1M')
+    problems = []
+    start = time.monotonic()
+    aborted = []                # virsh blockjob --abort's error, if any
+
+    def abort():
+        try:
+            p = c.src.virsh('blockjob', c.dom, 'vda', '--abort', ok=False)
+            aborted.append(p.stderr.strip() if p.returncode else '')
+        except Failure as e:
+            aborted.append(str(e))
+
+    t_abort = threading.Thread(target=abort)
+    t_abort.start()
+    time.sleep(1)
+    # Other calls that need the domain's job lock, while the abort runs
+    for call in (('qemu-monitor-command', c.dom, '--hmp', 'info status'),
+                 ('domblkinfo', c.dom, 'vda')):
+        p = c.src.virsh(*call, ok=False)
+        expect(problems, p.returncode == 0,
+               f'virsh {call[0]} during the abort: {p.stderr.strip()}')
+    t_abort.join(BOUND + 5)         # virsh's own bound ends it first
+    print(f'  (abort ended after {time.monotonic() - start:.1f} s)')
+    if not aborted or aborted[0]:
+        problems.append('virsh blockjob --abort: ' +
+                        (aborted[0] if aborted else 'no answer'))
+    check(not problems, '; '.join(problems))    # the rest needs the abort
+    expect(problems, c.job() == '', 'the job is still there')
+    expect(problems, writes_complete(g, before, 2, 5),
+           'the guest writes did not complete (or failed)')
+    now = g.writes()
+    g.aio_write(0x79, '4M', '1M')
+    expect(problems, writes_complete(g, now, 1, 10),
+           'a new guest write did not complete within 10 s')
+    p = c.src.virsh('domstate', c.dom, ok=False)
+    expect(problems, p.stdout.strip() == 'running',
+           f'the domain is not running: {(p.stdout + p.stderr).strip()}')
+    check(not problems, '; '.join(problems))
+
+
 # (name, function, sizes of the domain's disks)
 CASES = [('blockcopy-pivot', case_pivot, [DISK_SIZE]),
          ('blockcopy-abort-dead-target', case_abort_dead_target, [DISK_SIZE]),
@@ -536,7 +837,14 @@ CASES = [('blockcopy-pivot', case_pivot, [DISK_SIZE]),
          ('migrate-copy-storage', case_migrate, [DISK_SIZE]),
          ('migrate-dest-killed', case_migrate_dest_killed, [DISK_SIZE]),
          ('migrate-writes-outpace-copy', case_migrate_outpaced,
-          [16 * MiB, DISK_SIZE])]
+          [16 * MiB, DISK_SIZE]),
+         ('migrate-sync-writes', case_migrate_sync, [DISK_SIZE]),
+         ('migrate-sync-frozen-abort', case_migrate_sync_frozen_abort,
+          [DISK_SIZE]),
+         ('migrate-sync-frozen-destroy', case_migrate_sync_frozen_destroy,
+          [DISK_SIZE]),
+         ('blockcopy-sync-abort-frozen-target', case_sync_abort_frozen_target,
+          [DISK_SIZE])]
 
 
 def main():
@@ -562,7 +870,13 @@ def main():
             c.close(failed=result != 'ok')
         print(f'{name}: {result} ({time.monotonic() - start:.1f} s)',
               flush=True)
-    shutil.rmtree(WORK, ignore_errors=True)
+    for name in os.listdir(WORK):
+        if name != 'logs':
+            path = os.path.join(WORK, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
     print(f'{passed} passed, {failed} failed')
     return 1 if failed else 0
 

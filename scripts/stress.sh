@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Stateful stress test of mirror jobs (tests/stress/): random schedules of
+# faults and QMP commands against one build, every failure shrunk and
+# replayed on the stock build.  Results: build/stress/report.md, and one
+# reproduction (JSON) per kind of violation under build/stress/run-*/.
+#   STRESS_BUILD=DIR  build under test (default build/patched-O0)
+#   STOCK_BUILD=DIR   the unpatched build to compare with (default build/stock-O0)
+#   STRESS_TIME=S     time budget of the search in seconds (default 600)
+#   STRESS_EXAMPLES=N stop after N schedules instead
+#   SEED=N            first Hypothesis seed (default 0)
+#   REPLAY=FILE       replay one recorded schedule instead of searching
+. "$(dirname "$0")/lib.sh"
+
+build=${STRESS_BUILD:-$(build_dir patched 0)}
+stock=${STOCK_BUILD:-$(build_dir stock 0)}
+[ -x "$build/qemu-system-x86_64" ] || die "no QEMU build in $build: run make first"
+[ -x "$stock/qemu-system-x86_64" ] ||
+    log "no stock build in $stock (make stock): failures will not be classified"
+"$PYTHON" -c 'import hypothesis' 2>/dev/null ||
+    die "python3-hypothesis is missing: run scripts/install-deps.sh"
+
+args=(--build "$build" --stock "$stock" --python "$TREE/python" --out "$BUILD/stress"
+      --seed "${SEED:-0}")
+if [ -n "${REPLAY:-}" ]; then
+    exec "$PYTHON" "$TOP/tests/stress/stress.py" replay "$REPLAY" "${args[@]}"
+fi
+[ -z "${STRESS_TIME:-}" ] || args+=(--time "$STRESS_TIME")
+[ -z "${STRESS_EXAMPLES:-}" ] || args+=(--examples "$STRESS_EXAMPLES")
+exec "$PYTHON" "$TOP/tests/stress/stress.py" run "${args[@]}"
