@@ -8,6 +8,7 @@
 #   STRESS_TIME=S     time budget of the search in seconds (default 600)
 #   STRESS_EXAMPLES=N stop after N schedules instead
 #   SEED=N            first Hypothesis seed (default 0)
+#   STRESS_SHRINK=S   time to shrink each kind of failure (default 300)
 #   REPLAY=FILE       replay one recorded schedule instead of searching
 . "$(dirname "$0")/lib.sh"
 
@@ -26,4 +27,5 @@ if [ -n "${REPLAY:-}" ]; then
 fi
 [ -z "${STRESS_TIME:-}" ] || args+=(--time "$STRESS_TIME")
 [ -z "${STRESS_EXAMPLES:-}" ] || args+=(--examples "$STRESS_EXAMPLES")
+[ -z "${STRESS_SHRINK:-}" ] || args+=(--shrink "$STRESS_SHRINK")
 exec "$PYTHON" "$TOP/tests/stress/stress.py" run "${args[@]}"

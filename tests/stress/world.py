@@ -77,7 +77,10 @@ def has_series(build, cache={}):
 def backoff_seconds(retries, delay_ms):
     """Total backoff of `retries` failed attempts: the first waits delay_ms,
     each next one twice as long, at most 10 s"""
-    return sum(min(delay_ms * 2 ** i, 10000) for i in range(retries)) / 1000
+    # From the 15th on (delay_ms >= 1), every one is at the cap
+    first = [min(delay_ms * 2 ** i, 10000) for i in range(min(retries, 15))]
+    rest = (retries - len(first)) * min(delay_ms * 2 ** 15, 10000)
+    return (sum(first) + rest) / 1000
 
 
 def free_tcp_port():
@@ -210,9 +213,9 @@ class World:
         self.current_op = step['op']
         try:
             getattr(self, step['op'].replace('-', '_'))(step)
+            self.check()
         except QmpTimeout as e:
             self.hung(f'{step["op"]}: {e}')
-        self.check()
 
     def write(self, step):
         if step.get('zero'):
@@ -371,6 +374,9 @@ class World:
         """Watch for up to `seconds`, until the job's status changes; over
         a long enough window QEMU must not spin nor storm events"""
         seconds = step['seconds']
+        if self.job.status in ('concluded', 'null'):
+            # Only a dismiss of ours changes it: one window for the CPU
+            seconds = min(seconds, BUSY_WINDOW)
         start, n_events = time.monotonic(), len(self.vm.q.events)
         job0 = self.query_job()
         cpu0 = cpu_seconds(self.vm.proc.pid)
