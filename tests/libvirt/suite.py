@@ -218,6 +218,15 @@ def qmp_commands(traffic, mon):
     return list(seen)
 
 
+def sent_write_blocking_mirror(daemon):
+    """Whether libvirt started a copy in write-blocking mode, as its QMP
+    traffic shows"""
+    return any(direction == '>' and msg.get('execute') == 'blockdev-mirror'
+               and msg.get('arguments', {}).get('copy-mode') ==
+               'write-blocking'
+               for _, _, direction, msg in daemon.qmp())
+
+
 class NbdTarget:
     """qemu-storage-daemon exporting a raw image as NBD export 'disk'"""
 
@@ -647,6 +656,8 @@ def case_migrate_sync(c):
     (the copy in write-blocking mode) between two session daemons, disks
     identical"""
     case_migrate(c, '--copy-storage-synchronous-writes')
+    check(sent_write_blocking_mirror(c.src),
+          'libvirt did not start the copy in write-blocking mode')
 
 
 # A guest's writes to a disk whose copy target stopped answering: within
@@ -785,6 +796,8 @@ def case_sync_abort_frozen_target(c):
     meanwhile, and the guest's writes complete"""
     t = c.target()
     c.blockcopy_ready(t, '--synchronous-writes')
+    check(sent_write_blocking_mirror(c.src),
+          'libvirt did not start the copy in write-blocking mode')
     g = c.guest()
     t.proc.send_signal(signal.SIGSTOP)
     before = g.writes()
