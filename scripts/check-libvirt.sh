@@ -14,7 +14,8 @@ TEST_USER=qemu-libvirt-test
 BUILD_DIR=$(cd "${QEMU_BUILD:-$(build_dir patched 0)}" && pwd)
 
 [ -x "$BUILD_DIR/qemu-system-x86_64" ] || die "no QEMU build in $BUILD_DIR: run make"
-# PKG/RELEASE: that release's version, up- or downgraded as needed
+# PKG/RELEASE: that release's version; install-deps.sh never downgrades, so
+# LIBVIRT_RELEASE=bookworm after 11.3 stops: apt-get remove libvirt first
 pkgs=()
 for p in $LIBVIRT_PKGS; do pkgs+=("$p/$LIBVIRT_RELEASE"); done
 "$TOP/scripts/install-deps.sh" "${pkgs[@]}"
@@ -35,9 +36,16 @@ WORK=$(mktemp -d /tmp/qlv.XXXXXX)    # short: UNIX socket paths below
 LOGS=${LIBVIRT_LOGS:-$BUILD/libvirt-logs}   # the last run's logs, a directory a case
 chown "$TEST_USER" "$WORK"
 cleanup() {
-    # The suite stops what it started by PID; this is only the safety net
-    # for a suite that was itself killed.
-    [ "$TEST_USER" = "$(id -un)" ] || pkill -KILL -u "$TEST_USER" || true
+    # The suite stops what it started and checks after each case that
+    # nothing is left; this is the safety net for a suite that was itself
+    # killed.  libvirtd, the NBD targets and virsh die with the suite
+    # (PR_SET_PDEATHSIG), libvirt's QEMUs do not: they name $WORK in their
+    # command lines.  As root, the test user has nothing else to lose.
+    # SIGCONT first, for a target the suite froze.
+    local which=(-f -- "$WORK/")
+    [ "$TEST_USER" = "$(id -un)" ] || which=()
+    pkill -CONT -u "$TEST_USER" "${which[@]}" || true
+    pkill -KILL -u "$TEST_USER" "${which[@]}" || true
     if [ -d "$WORK/logs" ]; then
         rm -rf "$LOGS"
         cp -r "$WORK/logs" "$LOGS" || true
@@ -45,6 +53,7 @@ cleanup() {
     rm -rf "$WORK"
 }
 trap cleanup EXIT
+trap 'exit 1' INT TERM HUP    # so that cleanup runs then too
 
 log "libvirt suite ($(libvirtd --version)) as $TEST_USER; logs in $LOGS"
 as_user "$PYTHON" "$TOP/tests/libvirt/suite.py" "$WORK" "$BUILD_DIR" \

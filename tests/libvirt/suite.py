@@ -5,9 +5,12 @@
 
 Run as an unprivileged user (scripts/check-libvirt.sh sees to that).  It
 starts its own libvirtd "session" daemons, each with its own XDG
-directories and host UUID, and its own qemu-storage-daemon NBD targets,
-all by PID, and stops them at the end.  Each case asserts outcomes with
-generous time bounds; the last line is "N passed, N failed".
+directories and host UUID, and its own qemu-storage-daemon NBD targets
+(tests/pylib/qemu_procs.py), each in a process group of its own that dies
+with the suite, and stops them at the end of each case; whatever still
+uses WORK_DIR after a case (a QEMU libvirt did not stop) is killed and
+fails the case.  Time bounds are derived from the series' promises (see
+"Time bounds" below); the last line is "N passed, N failed".
 
 Each daemon logs its QMP traffic (what it sends, the replies and events);
 WORK_DIR/logs/CASE/ keeps those logs, and qmp.txt, the traffic of all the
@@ -28,14 +31,48 @@ import uuid
 
 from xml.sax.saxutils import escape
 
-MiB = 1024 * 1024
-DISK_SIZE = 64 * MiB
-BOUND = 60.0              # nothing here should take longer
 WORK, BUILD = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
-sys.path.insert(0, sys.argv[3])
+sys.path.insert(0, sys.argv[3])             # QEMU's QMP library
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                '..', 'pylib'))
+from qemu_procs import (MiB, STARTED, LogTail, Qmp,  # noqa: E402
+                        StorageDaemon, die_with_parent, kill_group,
+                        kill_process_group, qemu_io_command, qemu_io_failures,
+                        start_process, wait_until)
+
+DISK_SIZE = 64 * MiB
 QEMU = os.path.join(BUILD, 'qemu-system-x86_64')
 QEMU_IMG = os.path.join(BUILD, 'qemu-img')
-QSD = os.path.join(BUILD, 'storage-daemon', 'qemu-storage-daemon')
+
+# Time bounds.  What the series promises for a copy whose target stopped
+# answering (README, "What the series changes": stall-timeout, force cancel;
+# QEMU's docs/interop/live-block-operations.rst, "Errors, retries and
+# cancelling a 'mirror' job"), by default:
+GUEST_WRITE_STALL = 5   # a guest write to a write-blocking copy waits this
+CANCELLED_STALL = 10    # a request of a cancelled job waits this
+NBD_GRACE = 1           # then NBD waits 1 s for replies before it gives up
+# A cancelled job on a dead target: 3 retries, after 0.1, 0.2 and 0.4 s
+CANCELLED_RETRIES = 0.1 + 0.2 + 0.4
+# (A drain, stop or switchover, waits at most 10 s and quit 1 s; no case
+# here stops or quits a domain whose target is frozen.)
+# libvirt's own: it kills a QEMU with SIGTERM, and SIGKILL 10 s later
+# (virProcessKillPainfully); a frozen QEMU dies only of the SIGKILL.
+LIBVIRT_KILL_GRACE = 10
+# What a noisy, shared 2-core machine adds to any of them (a TCG guest,
+# libvirt's polling, scheduling)
+SLACK = 5
+
+GUEST_BOUND = GUEST_WRITE_STALL + NBD_GRACE + SLACK        # 11 s
+SOFT_CANCEL_BOUND = CANCELLED_STALL + NBD_GRACE + SLACK    # 16 s
+FORCE_CANCEL_BOUND = NBD_GRACE + SLACK                     # 6 s
+DEAD_TARGET_BOUND = CANCELLED_RETRIES + SLACK              # 5.7 s
+KILL_BOUND = LIBVIRT_KILL_GRACE + SLACK                    # 15 s
+# virsh migrate fails once the destination's libvirt killed its frozen
+# QEMU and the source's copy to it was force-cancelled
+MIGRATION_FAILED_BOUND = LIBVIRT_KILL_GRACE + NBD_GRACE + SLACK  # 16 s
+# Everything without a promise (a copy, a migration, starting libvirtd):
+# only that nothing hangs
+HANG_GUARD = 60.0
 
 
 class Failure(Exception):
@@ -47,19 +84,26 @@ def check(cond, what):
         raise Failure(what)
 
 
-def wait_for(cond, what, bound=BOUND):
-    deadline = time.monotonic() + bound
-    while not cond():
-        if time.monotonic() > deadline:
-            raise Failure(f'{what}: not within {bound:.0f} s')
-        time.sleep(0.1)
+def expect(problems, cond, what):
+    """check(), but noted in problems and the case goes on, so that one
+    run tells all that went wrong"""
+    if not cond:
+        problems.append(what)
+        print(f'  ({what})', flush=True)
+    return cond
 
 
-def run(args, timeout=BOUND, env=None, ok=True):
-    """Run a command; its CompletedProcess (text).  ok: it must succeed"""
+def wait_for(cond, what, bound=HANG_GUARD):
+    check(wait_until(cond, bound, 0.1), f'{what}: not within {bound:.0f} s')
+
+
+def run(args, timeout=HANG_GUARD, env=None, ok=True):
+    """Run a command (in its own process group, killed if the suite dies);
+    its CompletedProcess (text).  ok: it must succeed"""
     try:
         p = subprocess.run(args, capture_output=True, text=True,
-                           timeout=timeout, env=env)
+                           timeout=timeout, env=env, start_new_session=True,
+                           preexec_fn=die_with_parent)
     except subprocess.TimeoutExpired as e:
         raise Failure(f'{" ".join(args)}: no answer within {timeout:.0f} s')\
             from e
@@ -105,23 +149,37 @@ class Daemon:
             f.write(f'host_uuid = "{uuid.uuid4()}"\n'
                     f'log_filters = "1:qemu.qemu_monitor 3:*"\n'
                     f'log_outputs = "1:file:{self.log}"\n')
+        with open(os.path.join(conf, 'qemu.conf'), 'w') as f:
+            # QEMU's output straight into its log file: that is where
+            # qemu-io reports a failed guest write, so it must be there
+            # when the HMP reply comes, not whenever virtlogd copies it;
+            # and virtlogd would be one more daemon, outside our process
+            # groups, that outlives the case by 2 minutes
+            f.write('stdio_handler = "file"\n')
         self.sock = os.path.join(self.env['XDG_RUNTIME_DIR'], 'libvirt',
                                  'libvirt-sock')
         self.uri = f'qemu:///session?socket={self.sock}'
-        self.proc = subprocess.Popen(['libvirtd'], env=self.env,
-                                     stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = start_process(['libvirtd'], env=self.env)
         try:
             wait_for(lambda: self.virsh('list', ok=False).returncode == 0,
                      f'libvirtd in {self.dir} answering')
         except Failure:
-            self.proc.kill()
-            self.proc.wait()
+            kill_group(self.proc)
             raise
 
-    def virsh(self, *args, timeout=BOUND, ok=True):
-        return run(['virsh', '-q', '-c', self.uri] + list(args),
-                   timeout=timeout, env=self.env, ok=ok)
+    def virsh(self, *args, timeout=HANG_GUARD, ok=True, quiet=True):
+        return run(['virsh'] + (['-q'] if quiet else []) + ['-c', self.uri] +
+                   list(args), timeout=timeout, env=self.env, ok=ok)
+
+    def timed(self, *args, bound):
+        """virsh, for an assertion on its outcome: (its exit status, None
+        if it did not return within bound; its error; seconds it took)"""
+        start = time.monotonic()
+        try:
+            p = self.virsh(*args, timeout=bound, ok=False)
+        except Failure as e:
+            return None, str(e), time.monotonic() - start
+        return p.returncode, p.stderr.strip(), time.monotonic() - start
 
     def qemu_pid(self, dom):
         """The PID of the domain's QEMU, from libvirt's PID file (under the
@@ -134,10 +192,14 @@ class Daemon:
         with open(path) as f:
             return int(f.read())
 
+    def qemu_log(self, dom):
+        """libvirt's log of the domain's QEMU: its stdout and stderr"""
+        return os.path.join(self.env['XDG_CACHE_HOME'], 'libvirt', 'qemu',
+                            'log', f'{dom}.log')
+
     def qemu_logs(self):
         """libvirt's log of each QEMU it ran"""
-        logs = os.path.join(self.env['XDG_CACHE_HOME'], 'libvirt', 'qemu',
-                            'log')
+        logs = os.path.dirname(self.qemu_log('x'))
         return [os.path.join(logs, name) for name in
                 (sorted(os.listdir(logs)) if os.path.isdir(logs) else [])]
 
@@ -182,14 +244,44 @@ class Daemon:
                     dest, f'{base}-{os.path.basename(path)}'))
 
     def stop(self):
-        for dom in self.virsh('list', '--name', ok=False).stdout.split():
-            self.virsh('destroy', dom, ok=False)
-        self.proc.terminate()
+        """Destroy the domains (libvirt runs their QEMUs in sessions of
+        their own: Case.close kills any it leaves), then libvirtd"""
         try:
-            self.proc.wait(BOUND)
+            for dom in self.virsh('list', '--name', ok=False,
+                                  timeout=SLACK).stdout.split():
+                # A frozen QEMU takes libvirt's SIGTERM grace
+                self.virsh('destroy', dom, ok=False, timeout=KILL_BOUND)
+        finally:
+            self.proc.terminate()           # let it remove its files
+            try:
+                self.proc.wait(SLACK)
+            except subprocess.TimeoutExpired:
+                pass
+            kill_group(self.proc)
+
+
+class Background:
+    """A virsh command left running (virsh migrate) while the case acts,
+    in a process group of its own, its output in a file"""
+
+    def __init__(self, daemon, args, out):
+        self.out = out
+        self.proc = start_process(['virsh', '-q', '-c', daemon.uri] + args,
+                                  out, daemon.env)
+
+    def wait(self, bound):
+        """Its exit status (None if it did not end within bound), and the
+        last line of its output"""
+        try:
+            self.proc.wait(max(bound, 0))
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            pass
+        with open(self.out, errors='replace') as f:
+            lines = f.read().strip().splitlines() or ['']
+        return self.proc.poll(), lines[-1]
+
+    def stop(self):
+        kill_group(self.proc)
 
 
 QMP_LINE = re.compile(r'^\d{4}-\d\d-\d\d (?P<time>[\d:.]+)\S*: .*?'
@@ -227,42 +319,18 @@ def sent_write_blocking_mirror(daemon):
                for _, _, direction, msg in daemon.qmp())
 
 
-class NbdTarget:
-    """qemu-storage-daemon exporting a raw image as NBD export 'disk'"""
-
-    def __init__(self, name):
-        self.img = os.path.join(WORK, f'{name}.img')
-        self.sock = os.path.join(WORK, f'{name}.sock')
-        make_image(self.img)
-        self.proc = subprocess.Popen(
-            [QSD, '--blockdev', f'file,node-name=f,filename={self.img}',
-             '--blockdev', 'raw,node-name=disk,file=f',
-             '--nbd-server', f'addr.type=unix,addr.path={self.sock}',
-             '--export', 'nbd,id=e,node-name=disk,name=disk,writable=on'],
-            stderr=subprocess.DEVNULL)
-        try:
-            wait_for(lambda: os.path.exists(self.sock), 'NBD socket')
-        except Failure:
-            self.stop()
-            raise
-
-    def xml(self):
-        path = os.path.join(WORK, 'nbd-target.xml')
-        with open(path, 'w') as f:
-            f.write(f"""<disk type='network' device='disk'>
+def nbd_disk_xml(target):
+    """libvirt's disk XML for a StorageDaemon's NBD export 't'"""
+    path = os.path.join(WORK, 'nbd-target.xml')
+    with open(path, 'w') as f:
+        f.write(f"""<disk type='network' device='disk'>
   <driver name='qemu' type='raw'/>
-  <source protocol='nbd' name='disk'>
-    <host transport='unix' socket='{escape(self.sock)}'/>
+  <source protocol='nbd' name='t'>
+    <host transport='unix' socket='{escape(target.addr)}'/>
   </source>
 </disk>
 """)
-        return path
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-        self.proc.wait()
+    return path
 
 
 def domain_xml(name, uid, imgs, qmp):
@@ -305,65 +373,130 @@ def disk_xml(index, img):
 """
 
 
+# vda's BlockBackend, where the guest's requests come from
+VDA = 'virtio-disk0/virtio-backend'
+
+
 class Guest:
-    """Writes as the guest would, through the virtio-blk device's
-    BlockBackend, on our own QMP monitor"""
+    """vda as the guest uses it: HMP qemu-io on the virtio-blk device, on
+    our own QMP monitor (a second one, so that the suite can write while
+    libvirt holds the domain's job lock: a migration), or on libvirt's.
 
-    def __init__(self, qmp_path):
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-        self.qmp = QEMUMonitorProtocol(qmp_path)
+    qemu-io reports a failed request or wrong data read back on QEMU's
+    stdout, the domain's log, not in the HMP reply: every check reads the
+    log too, and any such report in it fails it."""
+
+    def __init__(self, qmp_path, log_path):
+        self.qmp = Qmp(qmp_path, timeout=HANG_GUARD)
         self.qmp.connect()
-        self.qmp.settimeout(BOUND)
+        self.log = LogTail(log_path)
+        self.failed = []
 
-    def write(self, pattern, offset, length):
-        out = self.qmp.cmd('human-monitor-command', **{'command-line': (
-            f'qemu-io -d virtio-disk0/virtio-backend '
-            f'"write -q -P {pattern} {offset} {length}"')})
-        check(out == '', f'guest write failed: {out}')
+    def hmp(self, line):
+        return self.qmp.ok('human-monitor-command', {'command-line': line})
+
+    def failures(self):
+        """qemu-io's failure reports in the domain's log so far"""
+        self.failed += qemu_io_failures(self.log.read())
+        return self.failed
+
+    def qemu_io(self, command, hmp=None):
+        """A qemu-io command on vda, through hmp (a function that runs an
+        HMP command line and returns the reply; default: our monitor)"""
+        reply = (hmp or self.hmp)(qemu_io_command(VDA, command)).strip()
+        problems = ([reply] if reply else []) + self.failures()
+        check(not problems, f'guest {command}: {"; ".join(problems)}')
+
+    def write(self, pattern, offset, length, hmp=None):
+        """Write, and read it back"""
+        self.qemu_io(f'write -q -P {pattern} {offset} {length}', hmp)
+        self.verify(pattern, offset, length, hmp)
+
+    def verify(self, pattern, offset, length, hmp=None):
+        self.qemu_io(f'read -q -P {pattern} {offset} {length}', hmp)
 
     def aio_write(self, pattern, offset, length):
         """Start a write and return at once, as a guest's request is in
         flight while the guest runs on (a synchronous qemu-io write would
         hold QEMU's main loop, and libvirt's monitor with it, until the
-        write completes)"""
-        out = self.qmp.cmd('human-monitor-command', **{'command-line': (
-            f'qemu-io -d virtio-disk0/virtio-backend '
-            f'"aio_write -q -P {pattern} {offset} {length}"')})
-        check(out == '', f'guest write not started: {out}')
+        write completes); writes_complete() tells how it ended"""
+        self.qemu_io(f'aio_write -q -P {pattern} {offset} {length}')
 
     def writes(self):
         """(completed, failed) writes of the guest's disk vda so far"""
-        for dev in self.qmp.cmd('query-blockstats'):
+        for dev in self.qmp.ok('query-blockstats'):
             if 'virtio-disk0' in dev.get('qdev', '') + dev.get('device', ''):
                 st = dev['stats']
                 return st['wr_operations'], st['failed_wr_operations']
         raise Failure('no blockstats for virtio-disk0')
 
     def jobs(self):
-        return self.qmp.cmd('query-block-jobs')
+        return self.qmp.ok('query-block-jobs')
 
     def dirty(self, img):
         """Bytes a copy job has yet to copy from an image: the dirty bitmap
         of the job's filter node above it (the job's own len - offset is
         not updated while the job waits for the target)"""
-        for n in self.qmp.cmd('query-named-block-nodes'):
+        for n in self.qmp.ok('query-named-block-nodes'):
             if n['drv'] == 'mirror_top' and n['file'] == img:
                 return sum(m['count'] for m in n.get('dirty-bitmaps', []))
         return 0
 
     def close(self):
+        self.qmp.close()        # also when QEMU is gone (migrated, killed)
+
+
+def writes_complete(g, before, n, bound):
+    """Whether n guest writes started after blockstats `before` (and all
+    before them) ended within bound, and none failed (in blockstats or in
+    the log)"""
+    ended = wait_until(lambda: sum(g.writes()) >= sum(before) + n, bound, 0.1)
+    return ended and g.writes()[1] == before[1] and not g.failures()
+
+
+def leftovers():
+    """Processes of ours, but the suite and its parents, that still use
+    WORK (in their command line, or their environment: libvirtd's and
+    virsh's XDG directories are there): [(pid, command line)]"""
+    family, pid = set(), os.getpid()
+    while pid > 1:
+        family.add(pid)
+        with open(f'/proc/{pid}/stat') as f:
+            pid = int(f.read().rsplit(')', 1)[1].split()[1])
+    marker = (WORK + '/').encode()
+    found = []
+    for name in filter(str.isdigit, os.listdir('/proc')):
         try:
-            self.qmp.close()
-        except Exception:       # QEMU is gone (migrated away, killed)
+            if int(name) in family or \
+                    os.stat(f'/proc/{name}').st_uid != os.getuid():
+                continue
+            with open(f'/proc/{name}/cmdline', 'rb') as f:
+                cmdline = f.read()
+            with open(f'/proc/{name}/environ', 'rb') as f:
+                environ = f.read()
+        except OSError:             # gone meanwhile
+            continue
+        if marker in cmdline or marker in environ:
+            found.append((int(name), cmdline.replace(b'\0', b' ')
+                          .decode(errors='replace')[:120]))
+    return found
+
+
+def kill_leftovers():
+    """Kill what leftovers() finds, each with its process group (libvirt's
+    QEMUs lead their own); what it found"""
+    found = leftovers()
+    for pid, _ in found:
+        try:
+            kill_process_group(os.getpgid(pid))
+        except ProcessLookupError:
             pass
-
-
-def hmp_write(daemon, dom, pattern, offset, length):
-    """A guest-like write through libvirt's own monitor"""
-    out = daemon.virsh('qemu-monitor-command', dom, '--hmp',
-                       f'qemu-io -d virtio-disk0/virtio-backend '
-                       f'"write -q -P {pattern} {offset} {length}"').stdout
-    check(out.strip() == '', f'write through libvirt failed: {out}')
+        except ValueError:          # in our group: only the process
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGKILL)
+    for proc in list(STARTED):      # reap ours
+        kill_group(proc)
+    return found
 
 
 class Case:
@@ -376,6 +509,7 @@ class Case:
         self.dom = 'lv'
         self.cleanups = []
         self.daemons = []
+        self.g = None
 
     def start(self):
         self.src = self.daemon()
@@ -397,27 +531,52 @@ class Case:
         return d
 
     def target(self, name='target'):
-        t = NbdTarget(f'{self.name}-{name}')
-        self.cleanups.append(t.stop)
+        """A qemu-storage-daemon exporting a fresh image over NBD"""
+        base = os.path.join(WORK, f'{self.name}-{name}')
+        make_image(base + '.img')
+        t = StorageDaemon(BUILD, base + '.img', base + '.sock',
+                          base + '.qmp', base + '.log', fault_node=False)
+        self.cleanups.append(t.kill)
         return t
 
-    def guest(self, qmp=None):
-        g = Guest(qmp or self.qmp)
-        self.cleanups.append(g.close)
-        return g
+    def background(self, daemon, args):
+        b = Background(daemon, args,
+                       os.path.join(WORK, f'{self.name}-virsh.out'))
+        self.cleanups.append(b.stop)
+        return b
+
+    def guest(self):
+        """The source domain's Guest (one: our QMP socket takes one
+        client)"""
+        if self.g is None:
+            self.g = Guest(self.qmp, self.src.qemu_log(self.dom))
+            self.cleanups.append(self.g.close)
+        return self.g
+
+    def libvirt_hmp(self, line):
+        return self.src.virsh('qemu-monitor-command', self.dom, '--hmp',
+                              line).stdout
+
+    def write_via_libvirt(self, pattern, offset, length):
+        """A guest-like write, read back, through libvirt's own monitor"""
+        self.guest().write(pattern, offset, length, hmp=self.libvirt_hmp)
 
     def job(self):
-        """'virsh blockjob --info' of vda ('Block Copy: [100 %]' from
-        libvirt 9.0, '[100.00 %]' from 11.x, on stderr), '' when there is
-        no job"""
-        p = self.src.virsh('blockjob', self.dom, 'vda', '--info')
-        out = (p.stdout + p.stderr).strip()
-        return out if 'Block' in out else ''
+        """virsh blockjob --info of vda: 'Block Copy: [100 %]' (libvirt
+        9.0; 11.x: '[100.00 %]'), '' when there is none"""
+        p = self.src.virsh('blockjob', self.dom, 'vda', '--info',
+                           quiet=False)         # -q hides "No current ..."
+        lines = [line.strip() for line in (p.stdout + p.stderr).split('\n')]
+        if 'No current block job for vda' in lines:
+            return ''
+        progress = [line for line in lines if line.startswith('Block ')]
+        check(progress, f'virsh blockjob --info: {lines}')
+        return progress[0]
 
     def blockcopy_ready(self, target, *extra):
-        self.src.virsh('blockcopy', self.dom, 'vda', '--xml', target.xml(),
-                       '--reuse-external', '--transient-job', '--wait',
-                       *extra, timeout=BOUND)
+        self.src.virsh('blockcopy', self.dom, 'vda', '--xml',
+                       nbd_disk_xml(target), '--reuse-external',
+                       '--transient-job', '--wait', *extra)
         check(self.ready(), f'copy not ready: {self.job()}')
 
     def ready(self):
@@ -425,6 +584,7 @@ class Case:
         return re.search(r'\[100(\.0+)? %\]', self.job()) is not None
 
     def close(self, failed):
+        """Stop everything; what had to be killed after that (leaked)"""
         if failed:
             for d in self.daemons:
                 d.show_logs()
@@ -434,6 +594,7 @@ class Case:
             except Exception:       # keep cleaning up
                 traceback.print_exc()
         self.save_logs()
+        return kill_leftovers()
 
     def save_logs(self):
         """WORK/logs/CASE: the daemons' logs, and qmp.txt, the QMP traffic
@@ -451,21 +612,104 @@ class Case:
                 f.writelines(qmp_text(t, 2000) + '\n' for t in traffic)
 
 
+# Checks shared by the cases
+
+def returned_ok(problems, what, result):
+    """A Daemon.timed() result: the call succeeded within its bound"""
+    status, err, took = result
+    print(f'  ({what} returned after {took:.1f} s)', flush=True)
+    return expect(problems, status == 0, f'{what}: {err}')
+
+
+def domain_usable(c, problems, pattern, offset):
+    """After the copy's end: the domain runs, QEMU answers libvirt's
+    monitor, no block job is left, and the guest writes (1 MiB at offset,
+    read back) through libvirt's monitor"""
+    p = c.src.virsh('domstate', c.dom, ok=False)
+    expect(problems, p.stdout.strip() == 'running',
+           f'the domain is not running: {(p.stdout + p.stderr).strip()}')
+    p = c.src.virsh('qemu-monitor-command', c.dom,
+                    '{"execute": "query-status"}', ok=False)
+    status = json.loads(p.stdout)['return']['status'] if p.returncode == 0 \
+        else p.stderr.strip()
+    expect(problems, status == 'running', f'query-status: {status}')
+    expect(problems, c.job() == '', 'a block job is left')
+    try:
+        c.write_via_libvirt(pattern, offset, '1M')
+    except Failure as e:
+        expect(problems, False, str(e))
+
+
+def abort_copy(c, bound, problems):
+    """virsh blockjob --abort of vda's copy; meanwhile other calls on the
+    domain, which wait for libvirt's job lock that the abort holds: each
+    must succeed within bound.
+
+    Without --async, libvirt 11.3 (qemuDomainBlockJobAbort in
+    src/qemu/qemu_driver.c) sends a soft block-job-cancel, waits until
+    QEMU's job has ended and returns success, also when the job ended with
+    an error (the target stopped answering): it reports a failed job only
+    for --pivot.  So success it must be."""
+    aborted = []
+    abort = threading.Thread(target=lambda: aborted.append(c.src.timed(
+        'blockjob', c.dom, 'vda', '--abort', bound=bound)))
+    abort.start()
+    try:
+        time.sleep(1)               # the abort holds the lock by now
+        for call in (('qemu-monitor-command', c.dom, '--hmp', 'info status'),
+                     ('domblkinfo', c.dom, 'vda')):
+            returned_ok(problems, f'virsh {call[0]} during the abort',
+                        c.src.timed(*call, bound=bound))
+    finally:
+        abort.join()                # virsh's timeout (bound) ends it
+    returned_ok(problems, 'virsh blockjob --abort', aborted[0])
+
+
 # The cases
+
+def case_write_checks(c):
+    """The guest-write checks fail when the write does: a write beyond
+    the end of vda through libvirt's monitor and through ours, a read-back
+    of other data than written, and a failed asynchronous write"""
+    g = c.guest()
+    c.write_via_libvirt(0x21, 0, '1M')
+    g.write(0x22, '1M', '1M')
+
+    def must_fail(what, action):
+        try:
+            action()
+        except Failure as e:
+            print(f'  ({what}: noticed: {e})')
+            g.failed.clear()        # expected: the next check starts clean
+            return
+        raise Failure(f'{what}: not noticed')
+
+    must_fail('write beyond the end through libvirt',
+              lambda: c.write_via_libvirt(0x23, DISK_SIZE, '1M'))
+    must_fail('write beyond the end through our monitor',
+              lambda: g.write(0x24, DISK_SIZE, '1M'))
+    must_fail('other data read back', lambda: g.verify(0x25, 0, '1M'))
+    before = g.writes()
+    # Beyond the end, it fails before qemu-io returns: in the log already
+    must_fail('asynchronous write beyond the end',
+              lambda: g.aio_write(0x26, DISK_SIZE, '1M'))
+    check(not writes_complete(g, before, 1, SLACK),     # by blockstats
+          'a failed asynchronous write: not in blockstats')
+
 
 def case_pivot(c):
     """blockcopy to NBD, READY, pivot: the guest runs on the target"""
     t = c.target()
-    hmp_write(c.src, c.dom, 0x22, 0, '1M')
+    c.write_via_libvirt(0x22, 0, '1M')
     c.blockcopy_ready(t)
-    hmp_write(c.src, c.dom, 0x33, '8M', '1M')      # mirrored while READY
+    c.write_via_libvirt(0x33, '8M', '1M')       # mirrored while READY
     c.src.virsh('blockjob', c.dom, 'vda', '--pivot')
     check(c.job() == '', 'a job is left after the pivot')
     blk = c.src.virsh('domblklist', c.dom).stdout
-    check('disk' in blk and c.img not in blk,
+    check(blk.split() == ['vda', 't'],          # the NBD export's name
           f'the guest does not run on the target: {blk}')
     check(identical(c.img, t.img), 'source and target differ')
-    hmp_write(c.src, c.dom, 0x44, '16M', '1M')     # now into the target
+    c.write_via_libvirt(0x44, '16M', '1M')      # now into the target
     run([os.path.join(BUILD, 'qemu-io'), '-f', 'raw', '-r', '-U', '-c',
          'read -q -P 0x44 16M 1M', t.img])
 
@@ -479,48 +723,37 @@ def case_abort_dead_target(c):
     concluded job."""
     t = c.target()
     c.blockcopy_ready(t)
-    t.proc.kill()
-    t.proc.wait()
-    hmp_write(c.src, c.dom, 0x55, 0, '1M')
-    p = c.src.virsh('blockjob', c.dom, 'vda', '--abort', timeout=BOUND,
-                    ok=False)
-    ended_by_itself = ('does not have an active block job' in p.stderr or
+    t.kill()
+    c.write_via_libvirt(0x55, 0, '1M')
+    status, err, took = c.src.timed('blockjob', c.dom, 'vda', '--abort',
+                                    bound=DEAD_TARGET_BOUND)
+    ended_by_itself = ('does not have an active block job' in err or
                        "in state 'concluded' cannot accept command verb "
-                       "'cancel'" in p.stderr)
-    check(p.returncode == 0 or ended_by_itself,
-          f'virsh blockjob --abort: {p.stderr.strip()}')
-    wait_for(lambda: c.job() == '', 'the job is gone', bound=10)
-    hmp_write(c.src, c.dom, 0x66, '1M', '1M')
+                       "'cancel'" in err)
+    check(status == 0 or ended_by_itself,
+          f'virsh blockjob --abort: {err} ({took:.1f} s)')
+    print(f'  (abort returned after {took:.1f} s: {err or "ok"})')
+    wait_for(lambda: c.job() == '', 'the job is gone', DEAD_TARGET_BOUND)
+    c.write_via_libvirt(0x66, '1M', '1M')
     check(c.img in c.src.virsh('domblklist', c.dom).stdout,
           'the guest is not on its own disk any more')
 
 
 def case_abort_frozen_target(c):
-    """blockcopy, target frozen (SIGSTOP) with writes in flight, --abort:
-    returns within the bound, and other calls on the domain keep
-    working meanwhile and after (stock QEMU hangs here, and libvirt with
-    it: 'cannot acquire state change lock')"""
+    """blockcopy, READY, target frozen (SIGSTOP) while it copies a guest
+    write: blockjob --abort (a soft cancel) and another call on the domain
+    meanwhile succeed within a cancelled job's stall timeout; then no job
+    is left, the domain runs and answers, its guest writes (stock QEMU
+    hangs here, and libvirt with it: 'cannot acquire state change lock')"""
     t = c.target()
     c.blockcopy_ready(t)
-    t.proc.send_signal(signal.SIGSTOP)
-    g = c.guest()
-    g.write(0x77, 0, '4M')          # copied to the frozen target: hangs
-    start = time.monotonic()
-    abort = threading.Thread(target=lambda: c.src.virsh(
-        'blockjob', c.dom, 'vda', '--abort', timeout=BOUND, ok=False))
-    abort.start()
-    time.sleep(1)
-    # Another call that needs the domain's job lock, while the abort runs
-    c.src.virsh('qemu-monitor-command', c.dom, '--hmp', 'info status',
-                timeout=BOUND)
-    abort.join(BOUND)
-    check(not abort.is_alive(), 'virsh blockjob --abort did not return')
-    took = time.monotonic() - start
-    check(c.job() == '', 'the job is still there')
-    hmp_write(c.src, c.dom, 0x78, '4M', '1M')
-    check(c.src.virsh('domstate', c.dom).stdout.strip() == 'running',
-          'the domain is not running')
-    print(f'  (abort returned after {took:.1f} s)')
+    t.stop()                        # SIGSTOP
+    c.guest().write(0x77, 0, '4M')  # done on the source; its copy waits
+    problems = []
+    abort_copy(c, SOFT_CANCEL_BOUND, problems)
+    check(not problems, '; '.join(problems))    # the rest needs the abort
+    domain_usable(c, problems, 0x78, '4M')
+    check(not problems, '; '.join(problems))
 
 
 def migrate_args(c, dst, qmp, *extra):
@@ -540,10 +773,10 @@ def migrate_args(c, dst, qmp, *extra):
 def case_migrate(c, *extra):
     """migrate --live --copy-storage-all between two session daemons"""
     dst = c.daemon()
-    hmp_write(c.src, c.dom, 0x22, 0, '2M')
+    c.write_via_libvirt(0x22, 0, '2M')
     dst_imgs, args = migrate_args(c, dst, os.path.join(WORK, 'mig-dst.qmp'),
                                   *extra)
-    c.src.virsh(*args, timeout=BOUND * 2)
+    c.src.virsh(*args, timeout=HANG_GUARD * 2)
     check(dst.virsh('domstate', c.dom).stdout.strip() == 'running',
           'the domain does not run on the destination')
     check(c.src.virsh('domstate', c.dom, ok=False).returncode != 0,
@@ -554,29 +787,30 @@ def case_migrate(c, *extra):
 
 def case_migrate_dest_killed(c):
     """The destination QEMU is killed during the storage copy: migrate
-    fails cleanly, the source keeps running and writable"""
+    fails within the bound, the source keeps running and writable"""
     dst = c.daemon()
     _, args = migrate_args(c, dst, os.path.join(WORK, 'kill-dst.qmp'))
-    # 2 MiB/s: the copy of 64 MiB takes long enough to kill during it
-    mig = subprocess.Popen(['virsh', '-q', '-c', c.src.uri] + args +
-                           ['--bandwidth', '2'], env=c.src.env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)
+    # 2 MiB/s: the copy of 64 MiB takes long enough to kill during it.  It
+    # goes in bursts of mirror's buffer (16 MiB), 8 s apart: its next
+    # burst meets the dead target, whose error fails it (no retries while
+    # it runs), but it ends only when the sleep after that burst does
+    mib_per_s = 2
+    bound = 2 * 16 / mib_per_s + SLACK
+    mig = c.background(c.src, args + ['--bandwidth', str(mib_per_s)])
     wait_for(lambda: dst.virsh('domstate', c.dom, ok=False).returncode == 0,
              'the destination domain')
     time.sleep(2)
     os.kill(dst.qemu_pid(c.dom), signal.SIGKILL)
-    try:
-        _, err = mig.communicate(timeout=BOUND)
-    except subprocess.TimeoutExpired as e:
-        mig.kill()
-        raise Failure('virsh migrate did not return') from e
-    check(mig.returncode != 0, 'migrate succeeded with a dead destination')
-    check(c.src.virsh('domstate', c.dom).stdout.strip() == 'running',
-          'the source domain is not running')
-    check(c.job() == '', 'a block job is left on the source')
-    hmp_write(c.src, c.dom, 0x99, 0, '1M')
-    print(f'  (migrate failed with: {err.strip().splitlines()[-1]})')
+    start = time.monotonic()
+    status, last = mig.wait(bound)
+    check(status is not None, f'virsh migrate did not return within '
+          f'{bound:.0f} s')
+    check(status != 0, 'migrate succeeded with a dead destination')
+    print(f'  (migrate failed after {time.monotonic() - start:.1f} s: '
+          f'{last})')
+    problems = []
+    domain_usable(c, problems, 0x99, 0)
+    check(not problems, '; '.join(problems))
 
 
 def case_migrate_outpaced(c):
@@ -597,6 +831,7 @@ def case_migrate_outpaced(c):
     g = c.guest()
     stop = threading.Event()
     written, seen = [], []      # MiB written; vda's (status, bytes behind)
+    errors = []                 # the writer's, for the case to raise
 
     def look():
         for j in g.jobs():
@@ -604,7 +839,7 @@ def case_migrate_outpaced(c):
                 seen.append((j['status'], g.dirty(c.imgs[0])))
         return seen[-1][0] if seen else None
 
-    def writer():
+    def write_while_frozen():
         # Once vda's copy is ready: about 14 MiB/s over all of vda for
         # 2 s, with the destination frozen; then the guest goes quiet, so
         # that the copy can converge.  Only while the guest runs: writes
@@ -618,7 +853,7 @@ def case_migrate_outpaced(c):
             end = time.monotonic() + 2
             i = 0
             while not stop.is_set() and time.monotonic() < end and \
-                    g.qmp.cmd('query-status')['running']:
+                    g.qmp.ok('query-status')['running']:
                 g.write(0x20 + i % 64, (i % 16) * MiB, '1M')
                 written.append(i)
                 look()
@@ -626,6 +861,13 @@ def case_migrate_outpaced(c):
                 time.sleep(0.05)
         finally:
             os.kill(dest_qemu, signal.SIGCONT)
+
+    def writer():
+        try:
+            write_while_frozen()
+        except Exception as e:      # the case reports it
+            errors.append(e)
+            return
         while not stop.is_set():
             try:
                 look()
@@ -636,10 +878,11 @@ def case_migrate_outpaced(c):
     w = threading.Thread(target=writer)
     w.start()
     try:
-        c.src.virsh(*args, '--bandwidth', '4', timeout=BOUND * 2)
+        c.src.virsh(*args, '--bandwidth', '4', timeout=HANG_GUARD * 2)
     finally:
         stop.set()
         w.join()
+    check(not errors, f'while the destination was frozen: {errors}')
     statuses = [st for st, _ in seen]
     check('ready' in statuses, f'the copy was never ready: {statuses}')
     after = set(statuses[statuses.index('ready'):])
@@ -665,51 +908,17 @@ def case_migrate_sync(c):
           'libvirt did not start the copy in write-blocking mode')
 
 
-# A guest's writes to a disk whose copy target stopped answering: within
-# this many seconds they complete (a Linux guest's SCSI disks time out
-# after 30 s)
-GUEST_BOUND = 30.0
-
-
-def expect(problems, cond, what):
-    """check(), but noted in problems and the case goes on, so that one
-    run tells all that went wrong"""
-    if not cond:
-        problems.append(what)
-        print(f'  ({what})', flush=True)
-    return cond
-
-
-def writes_complete(g, before, n, bound=GUEST_BOUND):
-    """Whether n guest writes started after blockstats `before` (and all
-    others) completed within bound, none of them failed"""
-    try:
-        wait_for(lambda: g.writes()[0] >= before[0] + n, 'guest writes',
-                 bound)
-    except Failure:
-        return False
-    return g.writes()[1] == before[1]
-
-
-def stop_process(proc):
-    if proc.poll() is None:
-        proc.kill()
-    proc.communicate()
-
-
 def frozen_dest_migration(c):
     """migrate --copy-storage-all --copy-storage-synchronous-writes at
     2 MiB/s, the destination QEMU frozen (SIGSTOP) once the copy of vda
-    is under way, guest writes started: (destination daemon, virsh
-    migrate's process, guest, blockstats before the writes, problems)"""
+    is under way, guest writes started: they must complete within the
+    bound of a guest write.  (destination daemon, virsh migrate, guest,
+    blockstats before the writes, problems)"""
     dst = c.daemon()
     _, args = migrate_args(c, dst, os.path.join(WORK, f'{c.name}-dst.qmp'),
                            '--copy-storage-synchronous-writes',
                            '--bandwidth', '2')
-    mig = subprocess.Popen(['virsh', '-q', '-c', c.src.uri] + args,
-                           env=c.src.env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    c.cleanups.append(lambda: stop_process(mig))
+    mig = c.background(c.src, args)
     g = c.guest()
     wait_for(lambda: any(j['offset'] > 0 for j in g.jobs()),
              'the storage copy under way')
@@ -722,59 +931,49 @@ def frozen_dest_migration(c):
     for i in range(4):          # 4 MiB, some of it where the copy is
         g.aio_write(0x40 + i, f'{i * 8}M', '1M')
     start = time.monotonic()
-    expect(problems, writes_complete(g, before, 4),
+    expect(problems, writes_complete(g, before, 4, GUEST_BOUND),
            f'guest writes did not complete within {GUEST_BOUND:.0f} s of '
-           f'the destination freezing')
+           f'the destination freezing (or failed)')
     print(f'  (guest writes: {time.monotonic() - start:.1f} s)')
     return dst, mig, g, before, problems
 
 
-def migration_failed(c, mig, problems, start):
-    """virsh migrate ended within the bound, with an error"""
-    try:
-        _, err = mig.communicate(timeout=BOUND)
-    except subprocess.TimeoutExpired:
-        expect(problems, False, f'virsh migrate did not return within '
-               f'{BOUND:.0f} s')
-        return
-    expect(problems, mig.returncode != 0, 'virsh migrate succeeded')
-    last = (err.strip().splitlines() or [''])[-1]
-    print(f'  (migrate failed after {time.monotonic() - start:.1f} s: '
-          f'{last})')
+def migration_failed(mig, problems, start):
+    """virsh migrate ended with an error within MIGRATION_FAILED_BOUND of
+    start"""
+    status, last = mig.wait(MIGRATION_FAILED_BOUND -
+                            (time.monotonic() - start))
+    if expect(problems, status is not None, f'virsh migrate did not return '
+              f'within {MIGRATION_FAILED_BOUND:.0f} s'):
+        expect(problems, status != 0, 'virsh migrate succeeded')
+        print(f'  (migrate failed after {time.monotonic() - start:.1f} s: '
+              f'{last})')
 
 
 def source_runs_on(c, g, before, problems):
-    """The source domain runs, without a block job, and its guest writes"""
-    expect(problems, writes_complete(g, before, 4, 5),
+    """The source domain runs, without a block job, its guest's writes are
+    done, and it writes"""
+    expect(problems, writes_complete(g, before, 4, SLACK),
            'the guest writes started while the destination was frozen '
            'did not complete (or failed) after the migration failed')
-    p = c.src.virsh('domstate', c.dom, ok=False)
-    expect(problems, p.stdout.strip() == 'running',
-           f'source domain not running: {(p.stdout + p.stderr).strip()}')
-    expect(problems, c.job() == '', 'a block job is left on the source')
-    now = g.writes()
-    g.aio_write(0x60, '1M', '1M')
-    expect(problems, writes_complete(g, now, 1, 10),
-           'a new guest write did not complete within 10 s')
+    domain_usable(c, problems, 0x60, '1M')
 
 
 def case_migrate_sync_frozen_abort(c):
     """migrate --copy-storage-synchronous-writes, the destination frozen
-    mid-copy: the guest's writes complete; virsh domjobabort returns,
-    virsh migrate fails within the bound, the source runs on and its guest
-    writes, the destination's domain is gone or destroyable"""
+    mid-copy: the guest's writes complete; virsh domjobabort returns (a
+    force cancel of the copy), virsh migrate fails within the bound, the
+    source runs on and its guest writes, the destination's domain is gone
+    or destroyable"""
     dst, mig, g, before, problems = frozen_dest_migration(c)
     start = time.monotonic()
-    p = c.src.virsh('domjobabort', c.dom, ok=False)
-    expect(problems, p.returncode == 0,
-           f'virsh domjobabort: {p.stderr.strip()}')
-    print(f'  (domjobabort returned after {time.monotonic() - start:.1f} s)')
-    migration_failed(c, mig, problems, start)
+    returned_ok(problems, 'virsh domjobabort',
+                c.src.timed('domjobabort', c.dom, bound=FORCE_CANCEL_BOUND))
+    migration_failed(mig, problems, start)
     source_runs_on(c, g, before, problems)
     if dst.virsh('domstate', c.dom, ok=False).returncode == 0:
-        p = dst.virsh('destroy', c.dom, ok=False)
-        expect(problems, p.returncode == 0,
-               f'virsh destroy on the destination: {p.stderr.strip()}')
+        returned_ok(problems, 'virsh destroy on the destination',
+                    dst.timed('destroy', c.dom, bound=KILL_BOUND))
     check(not problems, '; '.join(problems))
 
 
@@ -785,70 +984,43 @@ def case_migrate_sync_frozen_destroy(c):
     source runs on and its guest writes"""
     dst, mig, g, before, problems = frozen_dest_migration(c)
     start = time.monotonic()
-    p = dst.virsh('destroy', c.dom, ok=False)
-    expect(problems, p.returncode == 0,
-           f'virsh destroy on the destination: {p.stderr.strip()}')
-    print(f'  (destroy returned after {time.monotonic() - start:.1f} s)')
-    migration_failed(c, mig, problems, start)
+    returned_ok(problems, 'virsh destroy on the destination',
+                dst.timed('destroy', c.dom, bound=KILL_BOUND))
+    migration_failed(mig, problems, start)
     source_runs_on(c, g, before, problems)
     check(not problems, '; '.join(problems))
 
 
 def case_sync_abort_frozen_target(c):
     """blockcopy --synchronous-writes (write-blocking), READY, the target
-    frozen (SIGSTOP) with guest writes in flight: blockjob --abort
-    returns within the bound, other calls on the domain keep working
-    meanwhile, and the guest's writes complete"""
+    frozen (SIGSTOP) with guest writes in flight: blockjob --abort and
+    other calls on the domain meanwhile succeed within a guest write's
+    bound, the guest's writes complete, no job is left, the domain runs
+    and answers, its guest writes"""
     t = c.target()
     c.blockcopy_ready(t, '--synchronous-writes')
     check(sent_write_blocking_mirror(c.src),
           'libvirt did not start the copy in write-blocking mode')
     g = c.guest()
-    t.proc.send_signal(signal.SIGSTOP)
+    t.stop()                        # SIGSTOP
     before = g.writes()
     g.aio_write(0x77, 0, '1M')      # to the frozen target as well: waits
     g.aio_write(0x78, '8M', '1M')
     problems = []
-    start = time.monotonic()
-    aborted = []                # virsh blockjob --abort's error, if any
-
-    def abort():
-        try:
-            p = c.src.virsh('blockjob', c.dom, 'vda', '--abort', ok=False)
-            aborted.append(p.stderr.strip() if p.returncode else '')
-        except Failure as e:
-            aborted.append(str(e))
-
-    t_abort = threading.Thread(target=abort)
-    t_abort.start()
-    time.sleep(1)
-    # Other calls that need the domain's job lock, while the abort runs
-    for call in (('qemu-monitor-command', c.dom, '--hmp', 'info status'),
-                 ('domblkinfo', c.dom, 'vda')):
-        p = c.src.virsh(*call, ok=False)
-        expect(problems, p.returncode == 0,
-               f'virsh {call[0]} during the abort: {p.stderr.strip()}')
-    t_abort.join(BOUND + 5)         # virsh's own bound ends it first
-    print(f'  (abort ended after {time.monotonic() - start:.1f} s)')
-    if not aborted or aborted[0]:
-        problems.append('virsh blockjob --abort: ' +
-                        (aborted[0] if aborted else 'no answer'))
+    # The guest's writes waiting for the target fail the job within a
+    # guest write's stall (and NBD's second) of their start, before a
+    # cancelled job's own stall timeout: the abort ends then
+    abort_copy(c, GUEST_BOUND, problems)
     check(not problems, '; '.join(problems))    # the rest needs the abort
-    expect(problems, c.job() == '', 'the job is still there')
-    expect(problems, writes_complete(g, before, 2, 5),
+    expect(problems, writes_complete(g, before, 2, SLACK),
            'the guest writes did not complete (or failed)')
-    now = g.writes()
-    g.aio_write(0x79, '4M', '1M')
-    expect(problems, writes_complete(g, now, 1, 10),
-           'a new guest write did not complete within 10 s')
-    p = c.src.virsh('domstate', c.dom, ok=False)
-    expect(problems, p.stdout.strip() == 'running',
-           f'the domain is not running: {(p.stdout + p.stderr).strip()}')
+    domain_usable(c, problems, 0x79, '4M')
     check(not problems, '; '.join(problems))
 
 
 # (name, function, sizes of the domain's disks)
-CASES = [('blockcopy-pivot', case_pivot, [DISK_SIZE]),
+CASES = [('guest-write-checks', case_write_checks, [DISK_SIZE]),
+         ('blockcopy-pivot', case_pivot, [DISK_SIZE]),
          ('blockcopy-abort-dead-target', case_abort_dead_target, [DISK_SIZE]),
          ('blockcopy-abort-frozen-target', case_abort_frozen_target,
           [DISK_SIZE]),
@@ -865,36 +1037,55 @@ CASES = [('blockcopy-pivot', case_pivot, [DISK_SIZE]),
           [DISK_SIZE])]
 
 
+def run_case(name, fn, sizes):
+    """Run one case: None if it passed, else what went wrong (also what it
+    left behind)"""
+    c = Case(name, sizes)
+    error = None
+    try:
+        c.start()
+        fn(c)
+    except Exception as e:          # a failure, or something broke
+        error = str(e)
+        if not isinstance(e, Failure):
+            traceback.print_exc()
+    finally:
+        left = c.close(failed=error is not None)
+    if left:
+        error = '; '.join(filter(None, [error, 'left behind (killed): ' +
+                                        ', '.join(f'{pid} {cmd}'
+                                                  for pid, cmd in left)]))
+    return error
+
+
 def main():
     wanted = sys.argv[4:]
+    unknown = set(wanted) - {name for name, _, _ in CASES}
+    if unknown:
+        print(f'no such case: {" ".join(sorted(unknown))}')
+        return 2
     passed = failed = 0
-    for name, fn, sizes in CASES:
-        if wanted and name not in wanted:
-            continue
-        start = time.monotonic()
-        c = Case(name, sizes)
-        result = 'FAIL'
-        try:
-            c.start()
-            fn(c)
-            result = 'ok'
-            passed += 1
-        except Exception as e:      # a failure, or something broke
-            result = f'FAIL: {e}'
-            if not isinstance(e, Failure):
-                traceback.print_exc()
-            failed += 1
-        finally:
-            c.close(failed=result != 'ok')
-        print(f'{name}: {result} ({time.monotonic() - start:.1f} s)',
-              flush=True)
-    for name in os.listdir(WORK):
-        if name != 'logs':
-            path = os.path.join(WORK, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
+    try:
+        for name, fn, sizes in CASES:
+            if wanted and name not in wanted:
+                continue
+            start = time.monotonic()
+            error = run_case(name, fn, sizes)
+            if error:
+                failed += 1
             else:
-                os.unlink(path)
+                passed += 1
+            print(f'{name}: {f"FAIL: {error}" if error else "ok"} '
+                  f'({time.monotonic() - start:.1f} s)', flush=True)
+    finally:
+        kill_leftovers()            # also when interrupted
+        for name in os.listdir(WORK):
+            if name != 'logs':
+                path = os.path.join(WORK, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.unlink(path)
     print(f'{passed} passed, {failed} failed')
     return 1 if failed else 0
 

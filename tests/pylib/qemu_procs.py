@@ -6,11 +6,14 @@ directory on sys.path before calling anything here that talks QMP.
 
 Every process runs in its own process group (start_new_session), so that a
 test can kill a QEMU and whatever it started without touching the test's own
-group, and every QMP call has a timeout: a QEMU that stops answering is
-reported (QmpTimeout), never waited for.
+group, and dies with the test (die_with_parent); every QMP call has a
+timeout: a QEMU that stops answering is reported (QmpTimeout), never waited
+for.
 """
 
+import ctypes
 import os
+import re
 import signal
 import subprocess
 import time
@@ -29,29 +32,51 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
 
+def wait_until(cond, timeout, interval=0.05, give_up=None):
+    """Poll cond() until it is true: True; False once timeout seconds have
+    passed (or give_up() is true) without it"""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline or (give_up and give_up()):
+            return False
+        time.sleep(interval)
+    return True
+
+
 def wait_for_paths(paths, timeout, proc=None):
     """Wait until every path exists; False if not within timeout (or proc
     exited meanwhile)"""
-    deadline = time.monotonic() + timeout
-    while not all(os.path.exists(p) for p in paths):
-        if time.monotonic() > deadline or (proc and proc.poll() is not None):
-            return False
-        time.sleep(0.01)
-    return True
+    return wait_until(lambda: all(os.path.exists(p) for p in paths), timeout,
+                      0.01, proc and (lambda: proc.poll() is not None))
+
+
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent():
+    """preexec_fn for Popen: the child gets SIGKILL when its parent dies, so
+    that a test killed with SIGKILL (no atexit, no finally) leaves no QEMU
+    or daemon behind.  Linux ties this to the parent *thread*: start with
+    it only from a thread that outlives the child (the main thread, or one
+    that waits for the child).  With start_new_session=True the child is
+    also out of the test's process group, for kill_group()."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 # Every process start_process started and kill_group has not reaped
 STARTED = set()
 
 
-def start_process(args, log_path=None):
-    """Popen in a new process group; stdout/stderr to log_path (appended)
-    or discarded"""
+def start_process(args, log_path=None, env=None):
+    """Popen in a new session and process group, killed if the test dies
+    (die_with_parent); stdout/stderr to log_path (appended) or discarded"""
     out = open(log_path, 'ab') if log_path else subprocess.DEVNULL
     try:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True,
+                                preexec_fn=die_with_parent)
     finally:
         if log_path:
             out.close()
@@ -65,15 +90,23 @@ def kill_all_started():
         kill_group(proc)
 
 
+def kill_process_group(pgid):
+    """SIGCONT, then SIGKILL a whole process group (a stopped process, and
+    whatever it started, too); never the caller's own"""
+    if pgid == os.getpgrp():
+        raise ValueError(f'process group {pgid} is our own')
+    try:
+        os.killpg(pgid, signal.SIGCONT)
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def kill_group(proc):
     """SIGKILL a process started by start_process and its group, reap it"""
     if proc is None:
         return
-    try:
-        os.killpg(proc.pid, signal.SIGCONT)   # a stopped process, too
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    kill_process_group(proc.pid)     # its own group: start_new_session
     proc.wait()
     STARTED.discard(proc)
 
@@ -330,10 +363,10 @@ class Vm:
 
     def qemu_io(self, device, command, timeout=None):
         """Run a qemu-io command as the guest on device (its qdev id);
-        returns its output (qemu-io reports errors there, not as a QMP
-        error)"""
+        returns the HMP reply (see qemu_io_command: a failed request is
+        not reported there)"""
         return self.ok('human-monitor-command', {
-            'command-line': f'qemu-io -d {device} "{command}"'}, timeout)
+            'command-line': qemu_io_command(device, command)}, timeout)
 
     def quit(self, timeout):
         """Seconds until QEMU exited after 'quit', or None (then killed)"""
@@ -358,6 +391,53 @@ class Vm:
 
 
 def write_failed(qemu_io_output):
-    """Whether HMP qemu-io output reports a failed request"""
+    """Whether an HMP qemu-io reply reports an error.  The reply holds only
+    errors of the command line: a failed request is in QEMU's log
+    (qemu_io_command, qemu_io_failures)"""
     out = qemu_io_output.lower()
     return 'failed' in out or 'error' in out
+
+
+def qemu_io_command(device, command):
+    """The HMP command line that runs a qemu-io command as the guest on
+    device (its qdev id).  Its reply holds only errors of the command line
+    itself (no such device): qemu-io prints what its requests did, "write
+    failed: ..." or "Pattern verification failed ...", on QEMU's stdout
+    (line-buffered, so in QEMU's log once the reply came): read that with
+    LogTail and qemu_io_failures()."""
+    return f'qemu-io -d {device} "{command}"'
+
+
+# qemu-io's messages for a request that failed ("write failed: EIO",
+# "aio_write failed: ...") or read back other data than expected; QEMU's
+# own messages in the same log start with its name or a timestamp
+QEMU_IO_FAILURE = re.compile(r'^(?:\w+ failed: |Pattern verification failed)'
+                             r'.*$', re.M)
+
+
+def qemu_io_failures(output):
+    """qemu-io's failure messages in a piece of QEMU's output"""
+    return QEMU_IO_FAILURE.findall(output)
+
+
+class LogTail:
+    """A log file read in pieces: each read() returns the lines added since
+    the previous one (the first: all of them)"""
+
+    def __init__(self, path):
+        self.path, self.pos = path, 0
+
+    def read(self, partial=False):
+        """The new complete lines (and an unfinished last one if partial:
+        otherwise it waits for the next read, so that no message is seen
+        cut in two)"""
+        try:
+            with open(self.path, 'rb') as f:
+                f.seek(self.pos)
+                data = f.read()
+        except FileNotFoundError:
+            return ''
+        if not partial:
+            data = data[:data.rfind(b'\n') + 1]
+        self.pos += len(data)
+        return data.decode(errors='replace')
