@@ -2,15 +2,17 @@
 World (world.py), and records them as a schedule that can be replayed.
 
 Hypothesis chooses the schedules and shrinks a failing one; the run's
-Context (stress.py) keeps, for every kind of violation, the shortest
-schedule that showed it.
+Context (stress.py) keeps, for every signature of violation (its kind and
+where it showed), the shortest schedule that showed it.
 """
+
+import traceback
 
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
 from qemu_procs import MiB
-from world import Violation, World
+from world import VERB_TABLE, Unbounded, Violation, World
 
 KiB = 1024
 ERRNOS = (5, 28)           # EIO, ENOSPC
@@ -23,7 +25,8 @@ class StopRun(KeyboardInterrupt):
     a failure (saved, and then "Flaky: Inconsistent data generation")"""
 
 
-# Set by stress.py before a run: build, work dir, masked kinds, recorder.
+# Set by stress.py before a run: build, work dir, masked signatures, and
+# where violations, unbounded waits and errors of the tool are recorded.
 CONTEXT = None
 
 
@@ -90,23 +93,20 @@ setups = st.fixed_dictionaries({
 
 # Verbs on the job.  A step draws a choice in range(CHOICES): two thirds of
 # them pick among the verbs that QEMU accepts in the job's status (job.c
-# JobVerbTable; 24 choices split evenly over 2, 3 or 4 verbs), the others
-# among all verbs, so that most commands move the job along and some are
-# refused.  The concrete verb is what gets recorded.
-VERBS = ('cancel', 'force-cancel', 'complete', 'pause', 'resume',
-         'finalize', 'dismiss')
-ACCEPTED = {
-    'created': ('cancel', 'force-cancel', 'pause'),
-    'running': ('cancel', 'force-cancel', 'pause', 'complete'),
-    'paused': ('resume', 'cancel', 'force-cancel'),
-    'ready': ('complete', 'cancel', 'force-cancel', 'pause'),
-    'standby': ('resume', 'cancel', 'force-cancel', 'complete'),
-    'waiting': ('cancel', 'force-cancel'),
-    'pending': ('finalize', 'cancel', 'force-cancel'),
-    'aborting': ('cancel', 'force-cancel'),
-    'concluded': ('dismiss', 'cancel'),
-}
+# JobVerbTable, copied in world.VERB_TABLE; 24 choices split evenly over 1
+# to 5 verbs), the others among all verbs, so that most commands move the
+# job along and some are refused.  The concrete verb is what gets recorded.
+# Each verb of ours and the job verb (JobVerb) it is:
+JOB_VERB = {'cancel': 'cancel', 'force-cancel': 'cancel',
+            'complete': 'complete', 'pause': 'pause', 'resume': 'resume',
+            'finalize': 'finalize', 'dismiss': 'dismiss'}
+VERBS = tuple(JOB_VERB)
 ACCEPTED_CHOICES, CHOICES = 24, 36
+
+
+def accepted_verbs(status):
+    """Our verbs that QEMU's verb table accepts in this status"""
+    return tuple(v for v in VERBS if status in VERB_TABLE[JOB_VERB[v]])
 
 # block-job-change: a field and a value, valid or not
 CHANGES = {
@@ -119,7 +119,7 @@ CHANGES = {
 
 
 def verb_for(status, choice):
-    accepted = ACCEPTED.get(status) or VERBS
+    accepted = accepted_verbs(status) or VERBS
     if choice < ACCEPTED_CHOICES:
         return accepted[choice % len(accepted)]
     return VERBS[choice % len(VERBS)]
@@ -183,19 +183,30 @@ class MirrorStress(RuleBasedStateMachine):
 
     def guard(self, action):
         """Run action; a violation is recorded and ends the example's
-        processes.  It is raised only at teardown (unless its kind is
+        processes.  It is raised only at teardown (unless its signature is
         masked in this run): the steps left are still drawn, so that the
         data Hypothesis draws does not depend on when, with timing, the
-        violation came"""
+        violation came.  An unbounded wait ends the example without a
+        verdict; any other exception is an error of the tool, recorded
+        with its traceback (and fails the run)."""
         if self.done:
             return
         try:
             action()
         except Violation as v:
             CONTEXT.record(self.schedule, v)
-            self.done = True
             self.violation = v
-            self.close()
+            self.end()
+        except Unbounded as u:
+            CONTEXT.record_unbounded(self.schedule, u)
+            self.end()
+        except Exception:
+            CONTEXT.record_tool_error(self.schedule, traceback.format_exc())
+            self.end()
+
+    def end(self):
+        self.done = True
+        self.close()
 
     def concrete(self, step):
         """The step as it is recorded and replayed"""
@@ -213,6 +224,7 @@ class MirrorStress(RuleBasedStateMachine):
         return step
 
     def step(self, step):
+        CONTEXT.steps_drawn += 1
         if self.done or self.world is None:
             return
         step = self.concrete(step)
@@ -254,6 +266,7 @@ class MirrorStress(RuleBasedStateMachine):
             self.world = None
 
     def teardown(self):
+        CONTEXT.steps_drawn += 1        # the quit that ends every schedule
         try:
             if self.world and not self.done:
                 self.schedule['steps'].append({'op': 'quit'})
@@ -262,7 +275,7 @@ class MirrorStress(RuleBasedStateMachine):
             self.close()
             CONTEXT.after_example(self.schedule)
         v = self.violation
-        if v and v.key not in CONTEXT.masked:
-            # One exception type per kind of violation: Hypothesis tells
-            # failures apart by type, and shrinks each one separately
-            raise CONTEXT.exception_type(v.key)(str(v)) from v
+        if v and v.signature not in CONTEXT.masked:
+            # One exception type per signature: Hypothesis tells failures
+            # apart by type, and shrinks each one separately
+            raise CONTEXT.exception_type(v.signature)(str(v)) from v

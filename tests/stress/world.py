@@ -3,32 +3,91 @@
 A schedule is data: {"setup": {...}, "steps": [{"op": ...}, ...]} (JSON), so
 that a failure found by Hypothesis on one build can be replayed as it is on
 another.  World.run(step) performs one step and then checks every invariant;
-a broken invariant raises Violation.  The invariants are numbered as in
-issue #12 (see README.md, "Stress testing").
+a broken invariant raises Violation.  A command that waits where nothing
+bounds the wait raises Unbounded: the schedule ends without a verdict.  The
+invariants are numbered as in issue #12 (see README.md, "Stress testing").
 """
 
+import ctypes
+import itertools
+import math
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 
+import qemu_procs
 from qemu_procs import (MiB, QmpTimeout, StorageDaemon, Vm, blkdebug_node,
-                        cpu_seconds, kill_group, write_failed)
+                        cpu_seconds, kill_group)
 
-QMP_BOUND = 5.0        # every QMP command answers within this (invariant 1)
-FORCE_BOUND = 5.0      # a force cancel, and quit, end within this (3)
-SLACK = 5.0            # added to every bound: 2 noisy cores, -O0 builds
+# --- What the series promises, in seconds ---------------------------------
+# Each is one of QEMU's own constants (build/qemu with the series applied);
+# model_check.py compares them with the source.  Stock QEMU is held to the
+# same bounds only to learn whether it breaks them too.
+
+# block/nbd.c NBD_CANCEL_GRACE_NS: bdrv_cancel_in_flight() on NBD waits this
+# long for replies, then shuts a silent server's connection down
+NBD_GRACE = 1.0
+# block/mirror.c MIRROR_ACTIVE_WRITE_TIMEOUT_DEFAULT: a guest write that
+# write-blocking mode copies waits this long at most for the target (unless
+# the user set stall-timeout)
+ACTIVE_WRITE_TIMEOUT = 5
+# MIRROR_STALL_TIMEOUT_DRAINED: a drain of the job's nodes (stop, a
+# switchover, a graph change) waits this long at most for the target
+DRAINED_STALL_TIMEOUT = 10
+# MIRROR_STALL_TIMEOUT_CANCELLED: the stall timeout of a cancelled job
+CANCELLED_STALL_TIMEOUT = 10
+# MIRROR_STALL_TIMEOUT_QUIT: the stall timeout once QEMU quits
+QUIT_STALL_TIMEOUT = 1
+# block/nbd.c NBD_QUIT_GRACE_NS: once QEMU quits, an NBD server that no
+# running job watches may go this long without a reply
+NBD_QUIT_GRACE = 10.0
+# Job statuses in which the mirror's stall timer runs (mirror_run())
+STALL_TIMER_STATUSES = ('created', 'running', 'ready', 'paused', 'standby')
+# MIRROR_STALL_CHECK_NS: the stall timer looks this often, so a stall is
+# noticed up to this late
+STALL_CHECK = 0.25
+# include/block/blockjob.h: retries of a cancelled job, the first backoff,
+# and the cap of the backoff: block_job_retry_backoff_ns() doubles the
+# delay up to MAX(retry-delay, BLOCK_JOB_RETRY_BACKOFF_CAP)
+RETRY_LIMIT_CANCELLED = 3
+RETRY_DELAY_DEFAULT_MS = 100
+BACKOFF_CAP_MS = 10000
+
+# Added to every bound: -O0 builds on 2 shared, noisy cores.  Also all the
+# time a command gets that waits for no I/O on the target.
+SLACK = 5.0
+# A wait that nothing bounds (a frozen target with stall-timeout 0, a guest
+# on a frozen target after the pivot), and how long a command that may wait
+# so gets before the schedule ends as Unbounded
+NO_BOUND = math.inf
+UNBOUNDED_WAIT = 10.0
+
 BUSY_CPU = 0.8         # a core's share that an idle window never reaches (4)
 BUSY_WINDOW = 1.5      # shortest window over which we judge the CPU
 EVENT_RATE = 200       # events per second that count as a storm (4)
-SPIN_PROGRESS = 64 * MiB   # progress over a busy window that excuses it
+# A busy window is excused if the job copied at least this share of the
+# image meanwhile: a busy loop copies nothing, and a real copy of a few MiB
+# takes a fraction of a second even at -O0
+SPIN_SHARE = 0.25
 LONGEST_WAIT = 45.0    # never wait longer for a promised end at teardown
+READY_EVENT_DELAY = 1.0  # how long BLOCK_JOB_READY may trail its READY
 GUEST = 'vblk/virtio-backend'
 
-# QEMU's job state table (job.c, JobSTT); the series adds READY -> RUNNING
-# for a job with a ready-dirty-limit.
+# Commands that drain every node, and so wait for the job's requests to the
+# target: a graph change takes the graph lock (bdrv_graph_wrlock() drains
+# all nodes), the end of a job replaces nodes (mirror_exit_common()), and
+# stop drains and flushes everything (so does quit, see quit_wait())
+DRAINING = {'blockdev-add', 'blockdev-reopen', 'blockdev-del',
+            'blockdev-mirror', 'stop', 'block-job-cancel',
+            'block-job-complete', 'job-finalize', 'job-dismiss'}
+
+# QEMU's job state table (job.c JobSTT), without the series' READY ->
+# RUNNING, which is legal only for a job with a ready-dirty-limit
 EDGES = {
     'undefined': {'created'},
     'created': {'running', 'aborting', 'null'},
@@ -42,22 +101,94 @@ EDGES = {
     'concluded': {'null'},
     'null': set(),
 }
+SERIES_EDGES = {'ready': {'running'}}
+
+# QEMU's verb table (job.c JobVerbTable): the statuses that accept a verb
+_LIVE = {'created', 'running', 'paused', 'ready', 'standby'}
+VERB_TABLE = {
+    'cancel': _LIVE | {'waiting', 'pending'},
+    'pause': set(_LIVE),
+    'resume': set(_LIVE),
+    'set-speed': set(_LIVE),
+    'complete': {'ready', 'standby'},
+    'finalize': {'pending'},
+    'dismiss': {'concluded'},
+    'change': set(_LIVE),
+}
+# The statuses in which mirror_run() runs, and with it the stall timer
+RUN_PHASE = _LIVE
+
 END_EVENTS = ('BLOCK_JOB_COMPLETED', 'BLOCK_JOB_CANCELLED')
 
 # Options of the series; dropped when replaying on a build without them.
 SERIES_OPTIONS = ('retry-limit', 'retry-delay', 'stall-timeout',
                   'ready-dirty-limit')
 
+# Lines of a crash in QEMU's or qemu-storage-daemon's log ("Unexpected
+# error in": an &error_abort, util/error.c)
+CRASH_MARKERS = ('Assertion', 'assertion failed', 'Aborted', 'core dumped',
+                 'Segmentation', 'Unexpected error in')
+# The steps World.run() performs: op -> method ('quit' is World.finish())
+STEP_OPS = {
+    'write': 'write', 'target-ctl': 'target_ctl', 'fault': 'fault',
+    'throttle': 'throttle', 'cancel': 'cancel', 'complete': 'complete',
+    'pause': 'pause', 'resume': 'resume', 'finalize': 'finalize',
+    'dismiss': 'dismiss', 'change': 'change', 'query': 'query',
+    'vm-ctl': 'vm_ctl', 'wait': 'wait',
+}
+
+
+def slug(text):
+    """text as a part of a file name"""
+    return re.sub(r'[^A-Za-z0-9.]+', '-', text).strip('-')[:80]
+
 
 class Violation(Exception):
     """An invariant does not hold.  `key` names the kind of violation (the
-    invariant number and a word), the same for every instance of one
-    defect, so that a run can tell defects apart"""
+    invariant number and a word); `where` says in which situation (the
+    step, the job's status, the edge...), so that `signature`, both
+    together, tells apart the violations of one kind that are different
+    defects, and is the same every time one defect shows"""
 
-    def __init__(self, invariant, kind, detail):
+    def __init__(self, invariant, kind, detail, where=None):
         super().__init__(f'invariant {invariant} ({kind}): {detail}')
         self.invariant, self.kind, self.detail = invariant, kind, detail
         self.key = f'{invariant}-{kind}'
+        self.where = where
+
+    @property
+    def signature(self):
+        return f'{self.key}@{slug(self.where or "?")}'
+
+
+class Unbounded(Exception):
+    """A command took longer than UNBOUNDED_WAIT where neither the series
+    nor stock QEMU bounds its wait (stall-timeout 0 on a frozen target, a
+    guest on a frozen target after the pivot, a flush of a frozen target
+    after the job): QEMU is killed and the schedule ends, without a
+    verdict.  These are documented gaps, the same on stock."""
+
+    def __init__(self, what, where):
+        super().__init__(f'no bound: {what}')
+        self.where = where
+        self.signature = f'unbounded@{slug(where)}'
+
+
+class ScheduleError(ValueError):
+    """A schedule that cannot be replayed (an unknown step, say)"""
+
+
+def check_schedule(schedule):
+    """ScheduleError unless every step is one World performs"""
+    steps = schedule.get('steps', [])
+    for i, step in enumerate(steps):
+        op = step.get('op')
+        if op == 'quit' and i == len(steps) - 1:
+            continue
+        if op not in STEP_OPS:
+            raise ScheduleError(
+                f'step {i}: unknown op {op!r} (known: '
+                f'{", ".join(sorted(STEP_OPS))}, and quit as the last)')
 
 
 def has_series(build, cache={}):
@@ -75,18 +206,137 @@ def has_series(build, cache={}):
 
 
 def backoff_seconds(retries, delay_ms):
-    """Total backoff of `retries` failed attempts: the first waits delay_ms,
-    each next one twice as long, at most 10 s"""
-    # From the 15th on (delay_ms >= 1), every one is at the cap
-    first = [min(delay_ms * 2 ** i, 10000) for i in range(min(retries, 15))]
-    rest = (retries - len(first)) * min(delay_ms * 2 ** 15, 10000)
-    return (sum(first) + rest) / 1000
+    """Total backoff of `retries` failed attempts, as blockjob.c's
+    block_job_retry_backoff_ns(): the n-th waits delay_ms * 2^(n-1), at
+    most MAX(delay_ms, BACKOFF_CAP_MS)"""
+    cap = max(delay_ms, BACKOFF_CAP_MS)
+    total, wait = 0, delay_ms
+    for n in range(retries):
+        if wait >= cap:         # all the others wait the cap
+            return (total + (retries - n) * cap) / 1000
+        total += wait
+        wait *= 2
+    return total / 1000
 
 
 def free_tcp_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
+
+
+# --- Helpers that tests/pylib/qemu_procs.py is getting (another change) --
+# Used from there once it has them; until then these local versions.
+# QEMU and the daemon run in process groups of their own, so a SIGKILL of
+# the tester would leave them behind: they get PR_SET_PDEATHSIG.
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent():
+    """preexec_fn: the kernel SIGKILLs this child when its parent dies"""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _start_process_dying_with_parent(args, log_path=None):
+    """qemu_procs.start_process(), with PR_SET_PDEATHSIG"""
+    out = open(log_path, 'ab') if log_path else subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT,
+                                start_new_session=True,
+                                preexec_fn=_die_with_parent)
+    finally:
+        if log_path:
+            out.close()
+    qemu_procs.STARTED.add(proc)
+    return proc
+
+
+if not hasattr(qemu_procs, 'die_with_parent'):
+    qemu_procs.start_process = _start_process_dying_with_parent
+
+
+class _LogTail:
+    """The lines a log file got since the last read"""
+
+    def __init__(self, path):
+        self.path, self.pos = path, 0
+
+    def read(self, partial=False):
+        """New complete lines (and the unfinished last one if partial)"""
+        try:
+            with open(self.path, 'rb') as f:
+                f.seek(self.pos)
+                data = f.read()
+        except FileNotFoundError:
+            return ''
+        if not partial:
+            data = data[:data.rfind(b'\n') + 1]
+        self.pos += len(data)
+        return data.decode(errors='replace')
+
+
+def _qemu_io_failures(output):
+    """qemu-io's reports of failed requests ("write failed: Input/output
+    error"): it prints them on QEMU's stdout, not in the HMP reply"""
+    return re.findall(r'^\w+ failed: .*$', output, re.M)
+
+
+LogTail = getattr(qemu_procs, 'LogTail', _LogTail)
+qemu_io_failures = getattr(qemu_procs, 'qemu_io_failures', _qemu_io_failures)
+
+
+def crash_line(text):
+    """The first line of text that shows a crash, or None"""
+    for line in text.splitlines():
+        if any(marker in line for marker in CRASH_MARKERS):
+            return line.strip()
+    return None
+
+
+class CancelPromise:
+    """An accepted cancel, and by when the job must have ended (NO_BOUND:
+    nothing is promised, e.g. a frozen target with stall-timeout 0).
+    What the job's settings promise is a number of seconds from now; the
+    deadline follows the changes of the job and its target (renew), the
+    guest's writes that a soft cancel has to copy too (extend), a force
+    cancel after a soft one (escalate), and the user's pauses."""
+
+    def __init__(self, force, now, bound, where):
+        self.force, self.accepted_at, self.where = force, now, where
+        self.deadline = now + bound + SLACK
+        self.paused_since = None
+
+    def renew(self, now, bound):
+        """The job's settings or its target changed: the later of the
+        deadline and what they promise from now; NO_BOUND if they promise
+        nothing"""
+        self.deadline = NO_BOUND if bound == NO_BOUND else \
+            max(self.deadline, now + bound + SLACK)
+
+    def extend(self, seconds):
+        """More to copy: a soft cancel finishes the copy first"""
+        if not self.force:
+            self.deadline += seconds
+
+    def escalate(self, now, bound, where):
+        """A force cancel after a soft one: the force bound holds from now"""
+        self.force, self.where = True, where
+        self.paused_since = None    # a force cancel resumes the job
+        self.deadline = now + bound + SLACK
+
+    def pause(self, now):
+        # job_pause_point() does not pause a force-cancelled job
+        if not self.force and self.paused_since is None:
+            self.paused_since = now
+
+    def resume(self, now):
+        if self.paused_since is not None:
+            self.deadline += now - self.paused_since
+            self.paused_since = None
+
+    def overdue(self, now):
+        return self.paused_since is None and now > self.deadline
 
 
 class Job:
@@ -99,15 +349,37 @@ class Job:
         self.readies = 0            # transitions into READY from RUNNING
         self.ready_events = 0
         self.ends = []              # end events
-        self.ready_limit = options.get('ready-dirty-limit') is not None
         self.was_ready = False
         self.completed_at = None    # block-job-complete accepted
-        self.cancel = None          # (force, time, deadline) once accepted
+        self.cancel = None          # a CancelPromise once one was accepted
+        # block-job-complete, or a soft cancel (of a READY job), accepted:
+        # mirror_run() ends by draining the source, and the source stays
+        # drained until the job's end (mirror_exit_common()), which with
+        # auto-finalize off waits for our job-finalize
+        self.finishing = False
         self.user_paused = False
+        # The settings in effect: the user's, or None for QEMU's default
+        self.copy_mode = options.get('copy-mode', 'background')
+        self.retry_limit = options.get('retry-limit')
+        self.retry_delay = options.get('retry-delay')
+        self.stall_timeout = options.get('stall-timeout')
+        self.ready_limit = options.get('ready-dirty-limit') is not None
 
     @property
     def ended(self):
         return bool(self.ends)
+
+    @property
+    def copying(self):
+        """mirror_run() still runs, and with it the stall timer"""
+        return not self.ended and self.status in RUN_PHASE
+
+    def changed(self, field, value):
+        """block-job-change accepted field: value"""
+        if field == 'ready-dirty-limit':
+            self.ready_limit = value is not None
+        else:
+            setattr(self, field.replace('-', '_'), value)
 
 
 class World:
@@ -120,16 +392,30 @@ class World:
         # with a target that does not answer); on stock only to learn
         # whether stock fails there too
         self.claims = self.series if claims is None else claims
+        self.size = setup['size_mib'] * MiB
         self.work = tempfile.mkdtemp(prefix='st-', dir=work_root)
         self.log = log or (lambda msg: None)
         self.vm = self.target = None
         self.job = None
         self.vm_running = True
         self.source_faults = False
-        self.source_node_gen = 0
+        self.source_node = 'sdbg0'
+        self.node_serial = itertools.count(1)
+        # The target was killed or given faults: a guest that runs on it
+        # after the pivot may see its writes fail
+        self.target_trouble = False
+        self.target_killed = False
         self.throttle_bps = 0
         self.current_op = 'setup'
-        self._start()
+        self.qemu_log = LogTail(self.path('qemu.log'))
+        self.qsd_log = LogTail(self.path('qsd.log'))
+        self._seen = 0              # events checked so far
+        self.procs_before = set(qemu_procs.STARTED)
+        try:
+            self._start()
+        except BaseException:
+            self.close()            # what a failed setup started, too
+            raise
 
     # --- setting up -----------------------------------------------------
 
@@ -145,17 +431,16 @@ class World:
 
     def _start(self):
         s = self.setup
-        size = s['size_mib'] * MiB
         fmt = s['format']
         self.src_img = self.path(f'src.{fmt}')
         self.tgt_img = self.path('tgt.raw')
         subprocess.run([f'{self.build}/qemu-img', 'create', '-q', '-f', fmt,
-                        self.src_img, str(size)], check=True, timeout=60)
+                        self.src_img, str(self.size)], check=True, timeout=60)
         subprocess.run([f'{self.build}/qemu-img', 'create', '-q', '-f', 'raw',
-                        self.tgt_img, str(size)], check=True, timeout=60)
+                        self.tgt_img, str(self.size)], check=True, timeout=60)
         # The source's first contents: data and zero extents, so that the
         # copy meets both data and write-zeroes requests
-        units = size // (64 * 1024)
+        units = self.size // (64 * 1024)
         cmds = [f'write {"-z" if kind == "zero" else f"-P {pat}"} '
                 f'{off * 64 * 1024} {min(length, units - off) * 64 * 1024}'
                 for kind, off, length, pat in s['layout'] if off < units]
@@ -167,18 +452,18 @@ class World:
                                     self.path('qsd'), self.path('qsd.log'))
         extra = ['-object', 'iothread,id=io0'] if s['iothread'] else []
         self.vm = Vm(self.build, self.work, self.path('qemu.log'), extra,
-                     timeout=QMP_BOUND)
-        self.vm.ok('blockdev-add', {'node-name': 'sfile', 'driver': 'file',
-                                    'filename': self.src_img})
-        self.vm.ok('blockdev-add', {'node-name': 'sdbg0',
-                                    'driver': 'blkdebug', 'image': 'sfile'})
-        self.vm.ok('blockdev-add', {'node-name': 'src', 'driver': fmt,
-                                    'file': 'sdbg0'})
+                     timeout=SLACK)
+        self.qmp_ok('blockdev-add', {'node-name': 'sfile', 'driver': 'file',
+                                     'filename': self.src_img})
+        self.qmp_ok('blockdev-add', {'node-name': 'sdbg0',
+                                     'driver': 'blkdebug', 'image': 'sfile'})
+        self.qmp_ok('blockdev-add', {'node-name': 'src', 'driver': fmt,
+                                     'file': 'sdbg0'})
         dev = {'driver': 'virtio-blk-pci', 'id': 'vblk', 'drive': 'src'}
         if s['iothread']:
             dev['iothread'] = 'io0'
-        self.vm.ok('device_add', dev)
-        self.vm.ok('blockdev-add', {
+        self.qmp_ok('device_add', dev)
+        self.qmp_ok('blockdev-add', {
             'node-name': 'tgt', 'driver': 'raw',
             'file': {'driver': 'nbd', 'export': 't',
                      'server': self.target.nbd_client_addr()}})
@@ -194,7 +479,7 @@ class World:
                 'sync': 'full'}
         args.update(self.supported(options))
         self.job = Job(args)
-        r = self.vm.cmd('blockdev-mirror', args)
+        r = self.qmp('blockdev-mirror', args)
         if 'error' in r:
             raise RuntimeError(f'blockdev-mirror refused {args}: '
                                f'{r["error"]["desc"]}')
@@ -205,17 +490,146 @@ class World:
             return dict(options)
         return {k: v for k, v in options.items() if k not in SERIES_OPTIONS}
 
+    # --- talking to QEMU, each command within its bound (invariant 1) ---
+
+    def qmp(self, name, args=None, wait=None):
+        """A command and its reply (errors are answers, too).  It gets
+        SLACK plus the seconds the series lets it wait for the target:
+        `wait`, else drain_wait() for a command that drains, else none.
+        Where nothing bounds the wait (NO_BOUND), it gets UNBOUNDED_WAIT,
+        then the schedule ends (Unbounded)."""
+        if wait is None:
+            wait = self.drain_wait(flush=name == 'stop') \
+                if name in DRAINING else 0.0
+        bound = UNBOUNDED_WAIT if wait == NO_BOUND else wait + SLACK
+        try:
+            return self.vm.cmd(name, args, timeout=bound)
+        except QmpTimeout as e:
+            where = f'{name} in {self.job_status()}, target ' \
+                    f'{self.target_state()}'
+            if wait == NO_BOUND:
+                self.vm.kill()
+                raise Unbounded(f'{self.current_op}: {e}', where) from e
+            self.hung(f'{e}; bound {bound:.1f} s', where)
+
+    def qmp_ok(self, name, args=None, wait=None):
+        """The command's return value; RuntimeError if it failed"""
+        r = self.qmp(name, args, wait)
+        if 'error' in r:
+            raise RuntimeError(f'{name}: {r["error"]["desc"]}')
+        return r['return']
+
+    def job_status(self):
+        return self.job.status if self.job else 'no job yet'
+
+    def target_state(self):
+        t = self.target
+        return ('dead' if not t.alive() else 'frozen' if t.stopped else
+                'throttled' if self.throttle_bps else 'alive')
+
+    def target_frozen(self):
+        return self.target.alive() and self.target.stopped
+
+    def target_usable(self):
+        return self.target.alive() and not self.target.stopped
+
+    def transfer_seconds(self, nbytes):
+        """What the throttled target takes for nbytes (write-zeroes count
+        as bytes, too)"""
+        return nbytes / self.throttle_bps if self.throttle_bps else 0.0
+
+    def stall_timeout(self, draining=False):
+        """mirror_stall_timeout(): the one the user set, else 10 s once
+        cancelled or while drained, else 0 (none)"""
+        j = self.job
+        if j.stall_timeout is not None:
+            return j.stall_timeout
+        if j.cancel:
+            return CANCELLED_STALL_TIMEOUT
+        return DRAINED_STALL_TIMEOUT if draining else 0
+
+    def stall_wait(self, stall):
+        """Seconds a request of the job waits for a frozen target before
+        the stall timer cancels it and NBD gives up on it"""
+        return stall + STALL_CHECK + NBD_GRACE if stall else NO_BOUND
+
+    def drain_wait(self, flush=False):
+        """Seconds a drain of all nodes (and, with flush, a flush of all,
+        as stop does) may wait for the target"""
+        if not self.target.alive():
+            return 0.0              # requests to a dead server fail at once
+        if not self.target.stopped:
+            # What is in flight: at most the whole image (write-zeroes are
+            # not limited by the job's buffer)
+            return self.transfer_seconds(self.size)
+        if self.job.copying:
+            # The job's requests wait for its stall timeout (0: forever),
+            # the others (the flush of all nodes) for mirror_foreign_timeout()
+            own = self.stall_timeout(draining=True)
+            return self.stall_wait(max(own, DRAINED_STALL_TIMEOUT) if own
+                                   else 0)
+        # No job to give up on the frozen target: the flush of its node
+        # waits for it as long as it takes (stock too)
+        return NO_BOUND if flush else 0.0
+
+    def write_wait(self, length):
+        """Seconds a guest write of length bytes may wait for the target"""
+        if self.guest_node() == 'tgt':
+            # After the pivot the guest writes to the target, with no job
+            # and no bound in between
+            return NO_BOUND if self.target_frozen() else \
+                self.transfer_seconds(length)
+        j = self.job
+        if j.finishing and not j.ended:
+            # The write may wait for the job's end; without auto-finalize
+            # that is our job-finalize, which the monitor cannot take
+            # while it runs this very write (stock too)
+            return self.drain_wait() if j.options.get('auto-finalize', True) \
+                else NO_BOUND
+        if not (j.copying and j.copy_mode == 'write-blocking'):
+            return 0.0
+        if self.target_frozen():
+            return self.stall_wait(self.active_write_timeout())
+        # Its own copy, behind what the job has in flight
+        return self.transfer_seconds(length + self.size)
+
+    def active_write_timeout(self):
+        """mirror_active_write_timeout(): stall-timeout if the user set it
+        (0: forever), else the stall timeout in effect, at most 5 s"""
+        if self.job.stall_timeout is not None:
+            return self.job.stall_timeout
+        stall = self.stall_timeout()
+        return stall if 0 < stall < ACTIVE_WRITE_TIMEOUT \
+            else ACTIVE_WRITE_TIMEOUT
+
+    def quit_wait(self):
+        """Seconds quit may take: while the job runs, its requests (and
+        the flush of all nodes) wait for the target QUIT_STALL_TIMEOUT,
+        then NBD_GRACE (block/nbd.c shuts a silent server's connection
+        down); without a running job, a silent NBD server gets
+        NBD_QUIT_GRACE; a throttled target that answers finishes what is
+        in flight"""
+        if not self.job.ended and self.job.status in STALL_TIMER_STATUSES:
+            silent = QUIT_STALL_TIMEOUT + STALL_CHECK + NBD_GRACE
+        else:
+            silent = NBD_QUIT_GRACE
+        return silent + self.transfer_seconds(self.size)
+
     # --- steps ----------------------------------------------------------
 
     def run(self, step):
         """Perform one step (a dict with 'op'), then check the invariants"""
+        op = step['op']
+        if op not in STEP_OPS:
+            raise ScheduleError(f'unknown step op {op!r}')
         self.log(f'  step {step} (job {self.job.status})')
-        self.current_op = step['op']
+        self.current_op, status = op, self.job.status
         try:
-            getattr(self, step['op'].replace('-', '_'))(step)
+            getattr(self, STEP_OPS[op])(step)
             self.check()
-        except QmpTimeout as e:
-            self.hung(f'{step["op"]}: {e}')
+        except Violation as v:
+            v.where = v.where or f'{op} in {status}'
+            raise
 
     def write(self, step):
         if step.get('zero'):
@@ -223,26 +637,31 @@ class World:
         else:
             cmd = f'write -P {step["pattern"]} {step["offset"]} ' \
                   f'{step["length"]}'
-        out = self.vm.qemu_io(GUEST, cmd)
-        # A read error injected on the source may fail a qcow2 write that
-        # has to read (copy on write, metadata): the source's own failure
-        if write_failed(out) and not self.source_faults:
-            raise Violation(4, 'guest-write-failed', f'{cmd}: {out.strip()}')
+        reply = self.qmp_ok('human-monitor-command', {
+            'command-line': f'qemu-io -d {GUEST} "{cmd}"'},
+            wait=self.write_wait(step['length']))
+        # qemu-io prints its failures on QEMU's stdout (line-buffered), so
+        # they are in the log by the time the reply came
+        self.check_guest_writes(reply + self.check_processes())
+        if self.job.cancel:
+            self.job.cancel.extend(self.transfer_seconds(step['length']))
 
     def target_ctl(self, step):
         t, action = self.target, step['action']
         if action == 'kill' and t.alive():
             t.kill()
+            self.target_killed = self.target_trouble = True
         elif action == 'stop' and t.alive() and not t.stopped:
             t.stop()
         elif action == 'cont' and t.alive() and t.stopped:
             t.cont()
         elif action == 'restart' and not t.alive():
             t.start()
+            self.target_killed = False
             self.throttle_bps = 0
-
-    def target_usable(self):
-        return self.target.alive() and not self.target.stopped
+        else:
+            return
+        self.renew_cancel()
 
     def fault(self, step):
         """Inject errors (or none: 'io' is None) on the target or source"""
@@ -260,6 +679,8 @@ class World:
             # the target: only while the target answers
             return
         if step['side'] == 'target':
+            # Even a refused swap may have put the rules in place
+            self.target_trouble |= bool(rules)
             self.target_qmp(self.target.set_faults, rules)
             return
         try:
@@ -279,74 +700,109 @@ class World:
 
     def set_source_faults(self, rules):
         """Swap the source's blkdebug node (blkdebug ignores new rules on
-        reopen) for one with these rules"""
-        old, new = f'sdbg{self.source_node_gen}', \
-            f'sdbg{self.source_node_gen + 1}'
-        self.vm.ok('blockdev-add', blkdebug_node(new, 'sfile', rules))
-        self.vm.ok('blockdev-reopen', {'options': [{
-            'driver': self.setup['format'], 'node-name': 'src',
-            'file': new}]})
-        self.source_node_gen += 1
-        self.vm.ok('blockdev-del', {'node-name': old})
+        reopen) for one with these rules.  The model follows only once
+        QEMU reads through the new node; a new node that the reopen
+        refused is removed again"""
+        new = f'sdbg{next(self.node_serial)}'
+        self.qmp_ok('blockdev-add', blkdebug_node(new, 'sfile', rules))
+        try:
+            self.qmp_ok('blockdev-reopen', {'options': [{
+                'driver': self.setup['format'], 'node-name': 'src',
+                'file': new}]})
+        except RuntimeError:
+            self.qmp('blockdev-del', {'node-name': new})
+            raise
+        old, self.source_node = self.source_node, new
         self.source_faults = bool(rules)
+        r = self.qmp('blockdev-del', {'node-name': old})
+        if 'error' in r:
+            self.log(f'  source faults: {old} stays: {r["error"]["desc"]}')
 
     def throttle(self, step):
         if self.target_usable() and \
                 self.target_qmp(self.target.throttle, step['bps']):
             self.throttle_bps = step['bps']
-
-    def job_cmd(self, name, args):
-        """A job command; its reply (errors are answers, too)"""
-        return self.vm.cmd(name, args)
+            self.renew_cancel()
 
     def pause(self, step):
-        if 'error' not in self.job_cmd('job-pause', {'id': 'm'}):
+        if 'error' not in self.qmp('job-pause', {'id': 'm'}):
             self.job.user_paused = True
+            if self.job.cancel:
+                self.job.cancel.pause(time.monotonic())
 
     def resume(self, step):
-        if 'error' not in self.job_cmd('job-resume', {'id': 'm'}):
+        if 'error' not in self.qmp('job-resume', {'id': 'm'}):
             self.job.user_paused = False
+            if self.job.cancel:
+                self.job.cancel.resume(time.monotonic())
 
     def cancel(self, step):
-        force = step['force']
+        force, j = step['force'], self.job
         before = self.query_job()
-        r = self.job_cmd('block-job-cancel', {'device': 'm', 'force': force})
-        if 'error' in r or self.job.ended or self.job.cancel:
+        r = self.qmp('block-job-cancel', {'device': 'm', 'force': force})
+        if 'error' in r or j.ended:
             return
-        bound = self.cancel_bound(force, before)
+        j.user_paused = False       # job_cancel_async() resumes the job
+        # A soft cancel of a job that is (or was: ready-dirty-limit) READY
+        # finishes the copy; our view of the status may be late
+        j.finishing |= not force
         now = time.monotonic()
-        self.job.cancel = (force, now, None if bound is None else now + bound)
+        where = (f'{"force" if force else "soft"} cancel in {j.status}, '
+                 f'target {self.target_state()}')
+        if j.cancel is None:
+            j.cancel = CancelPromise(force, now,
+                                     self.cancel_bound(force, before), where)
+        elif force and not j.cancel.force:
+            j.cancel.escalate(now, self.cancel_bound(True, before),
+                              f'{where} after a soft cancel')
 
     def cancel_bound(self, force, job):
         """Seconds within which an accepted cancel must end the job, as the
-        job's settings promise; None where nothing is promised"""
+        job's settings promise (SLACK not included); NO_BOUND where nothing
+        is promised"""
+        if not self.claims and not self.target_usable():
+            return NO_BOUND     # stock promises nothing on a target in trouble
         if force:
-            return FORCE_BOUND + SLACK
+            # bdrv_cancel_in_flight(): NBD_GRACE for replies, then the
+            # connection goes; a throttled target finishes what is in flight
+            return STALL_CHECK + NBD_GRACE + self.transfer_seconds(self.size)
         left = job['len'] - job['offset'] if job else 0
-        copy = left / self.throttle_bps if self.throttle_bps else 0
+        copy = self.transfer_seconds(left)
         if not self.claims:
-            # Stock QEMU promises nothing on a target that does not answer
-            return None if not self.target_usable() else SLACK + copy
-        now = self.query_job() or {}     # stock: the series' defaults
-        retries = now.get('retry-limit', 3)
-        delay = now.get('retry-delay', 100)
-        stall = now.get('stall-timeout', 10)
-        if stall == 0 and self.target.stopped:
-            return None
+            return copy
+        j = self.job
+        retries = RETRY_LIMIT_CANCELLED if j.retry_limit is None \
+            else j.retry_limit
+        delay = RETRY_DELAY_DEFAULT_MS if j.retry_delay is None \
+            else j.retry_delay
+        stall = CANCELLED_STALL_TIMEOUT if j.stall_timeout is None \
+            else j.stall_timeout
+        if stall == 0 and self.target_frozen():
+            return NO_BOUND
         # Each attempt may wait for the stall timeout, then back off
-        return (SLACK + copy + backoff_seconds(retries, delay)
-                + (retries + 1) * stall)
+        return (copy + backoff_seconds(retries, delay) +
+                (retries + 1) * (stall + STALL_CHECK + NBD_GRACE))
+
+    def renew_cancel(self):
+        """The job's settings, the throttle or the target changed: an
+        accepted cancel is held to what they promise from now on, if that
+        is later than its deadline"""
+        c = self.job.cancel if self.job else None
+        if c and not self.job.ended:
+            c.renew(time.monotonic(), self.cancel_bound(c.force,
+                                                        self.query_job()))
 
     def complete(self, step):
-        if 'error' not in self.job_cmd('block-job-complete', {'device': 'm'}):
+        if 'error' not in self.qmp('block-job-complete', {'device': 'm'}):
+            self.job.finishing = True
             if self.job.completed_at is None:
                 self.job.completed_at = time.monotonic()
 
     def finalize(self, step):
-        self.job_cmd('job-finalize', {'id': 'm'})
+        self.qmp('job-finalize', {'id': 'm'})
 
     def dismiss(self, step):
-        self.job_cmd('job-dismiss', {'id': 'm'})
+        self.qmp('job-dismiss', {'id': 'm'})
 
     def change(self, step):
         """block-job-change with one field (valid or not): the reply may
@@ -354,20 +810,21 @@ class World:
         field, value = step['field'], step['value']
         if field in SERIES_OPTIONS and not self.series:
             return
-        r = self.job_cmd('block-job-change', {'id': 'm', 'type': 'mirror',
-                                              field: value})
-        if 'error' not in r and field == 'ready-dirty-limit':
-            self.job.ready_limit = value is not None
+        r = self.qmp('block-job-change', {'id': 'm', 'type': 'mirror',
+                                          field: value})
+        if 'error' not in r:
+            self.job.changed(field, value)
+            self.renew_cancel()
 
     def query(self, step):
         self.query_job()
 
     def vm_ctl(self, step):
         if step['action'] == 'stop' and self.vm_running:
-            self.vm.ok('stop')
+            self.qmp_ok('stop')
             self.vm_running = False
         elif step['action'] == 'cont' and not self.vm_running:
-            self.vm.ok('cont')
+            self.qmp_ok('cont')
             self.vm_running = True
 
     def wait(self, step):
@@ -387,21 +844,22 @@ class World:
         self.vm.q.pull_events()
         if window < BUSY_WINDOW:
             return
+        where = f'wait in {self.job.status}, target {self.target_state()}'
         events = len(self.vm.q.events) - n_events
         if events / window > EVENT_RATE:
             raise Violation(4, 'event-storm',
-                            f'{events} events in {window:.1f} s')
+                            f'{events} events in {window:.1f} s', where)
         progress = (job1['offset'] - job0['offset']) if job0 and job1 else 0
-        if cpu / window > BUSY_CPU and progress < SPIN_PROGRESS:
+        if cpu / window > BUSY_CPU and progress < SPIN_SHARE * self.size:
             raise Violation(4, 'busy-loop',
                             f'QEMU used {cpu:.1f} s CPU in {window:.1f} s '
-                            f'while the job copied {progress} bytes')
+                            f'while the job copied {progress} bytes', where)
 
     # --- invariants -----------------------------------------------------
 
-    def hung(self, what):
-        """QEMU did not answer: say why if it is gone, then kill it"""
-        self.check_alive()
+    def hung(self, why, where):
+        """QEMU did not answer in time: say why if it is gone, then kill it"""
+        self.check_processes()
         cpu0 = cpu_seconds(self.vm.proc.pid)
         time.sleep(1)
         spin = cpu_seconds(self.vm.proc.pid) - cpu0
@@ -409,127 +867,178 @@ class World:
         # A QEMU that spins (livelock) and one that waits (blocked on the
         # target) are different defects
         raise Violation(1, 'qmp-timeout-spinning' if spin > BUSY_CPU else
-                        'qmp-timeout', f'{what}; QEMU used {spin:.1f} s CPU '
-                        'in the next 1 s')
+                        'qmp-timeout', f'{self.current_op}: {why}; QEMU used '
+                        f'{spin:.1f} s CPU in the next 1 s', where)
 
-    def check_alive(self):
-        with open(self.path('qemu.log'), errors='replace') as f:
-            log = f.read()
-        for bad in ('Assertion', 'assertion failed', 'Aborted',
-                    'core dumped', 'Segmentation'):
-            if bad in log:
-                raise Violation(1, 'assertion', log.strip()[-500:])
+    def check_processes(self):
+        """Invariant 1: QEMU and the daemon run and neither logged a crash;
+        returns what QEMU logged since the last call"""
+        qemu_text = self.qemu_log.read()
+        for name, text in (('QEMU', qemu_text),
+                           ('qemu-storage-daemon', self.qsd_log.read())):
+            line = crash_line(text)
+            if line:
+                raise Violation(1, 'assertion', f'{name}: {line}',
+                                f'{name}: {line}')
         if not self.vm.alive():
             raise Violation(1, 'died', f'QEMU exited with status '
-                            f'{self.vm.proc.returncode}: {log[-300:]}')
+                            f'{self.vm.proc.returncode}: '
+                            f'{self.log_end("qemu.log")}',
+                            f'status {self.vm.proc.returncode}')
+        t = self.target.proc
+        if t.poll() is not None and not self.target_killed:
+            raise Violation(1, 'target-died', f'qemu-storage-daemon exited '
+                            f'with status {t.returncode}: '
+                            f'{self.log_end("qsd.log")}',
+                            f'status {t.returncode}')
+        return qemu_text
+
+    def log_end(self, name, chars=300):
+        with open(self.path(name), errors='replace') as f:
+            return f.read()[-chars:].strip()
+
+    def check_guest_writes(self, qemu_text):
+        """Invariant 4: guest writes succeed, unless a read error is
+        injected on the source itself, or the guest runs on a target that
+        was killed or given faults.  qemu_text: QEMU's output (its log, an
+        HMP reply), where qemu-io reports its failures"""
+        failures = qemu_io_failures(qemu_text)
+        if not failures:
+            return
+        if self.source_faults:
+            self.log(f'  write failed, read errors injected on the source: '
+                     f'{failures}')
+            return
+        if self.target_trouble and self.guest_node() == 'tgt':
+            self.log(f'  write failed on the target in trouble: {failures}')
+            return
+        raise Violation(4, 'guest-write-failed', '; '.join(failures),
+                        f'{failures[0]} in {self.job.status}, '
+                        f'{self.job.copy_mode}')
 
     def query_job(self):
-        try:
-            jobs = self.vm.ok('query-block-jobs')
-        except QmpTimeout as e:
-            self.hung(str(e))
+        jobs = self.qmp_ok('query-block-jobs')
         return jobs[0] if jobs else None
 
     def guest_node(self):
-        try:
-            blocks = self.vm.ok('query-block')
-        except QmpTimeout as e:
-            self.hung(str(e))
-        for b in blocks:
+        for b in self.qmp_ok('query-block'):
             if b.get('qdev', '').startswith('/machine/peripheral/vblk'):
                 return b.get('inserted', {}).get('node-name')
         raise Violation(5, 'no-device', 'query-block lost the guest device')
 
     def check(self):
         """Every invariant, after a step"""
-        self.check_alive()
-        self.query_job()            # invariant 1: QMP answers
+        self.check_guest_writes(self.check_processes())
+        # query-block before the events: see check_authority()
+        allowed_before = self.allowed_nodes()
+        node = self.guest_node()
         self.vm.q.pull_events()
         self.check_events()
         self.check_cancel_bound()
-        self.check_authority()
+        self.check_authority(node, allowed_before)
 
-    def check_events(self):
+    def check_events(self, settle=True):
         j = self.job
-        for ev in self.vm.q.events[getattr(self, '_seen', 0):]:
+        for ev in self.vm.q.events[self._seen:]:
             name, data = ev['event'], ev.get('data', {})
             if name == 'JOB_STATUS_CHANGE' and data.get('id') == 'm':
                 new, old = data['status'], j.status
-                legal = EDGES[old] | ({'running'} if old == 'ready' and
-                                      j.ready_limit and self.series else set())
+                legal = EDGES[old] | (SERIES_EDGES.get(old, set())
+                                      if j.ready_limit and self.series
+                                      else set())
                 if new not in legal:
                     raise Violation(2, 'illegal-edge',
                                     f'{old} -> {new} (ready-dirty-limit '
-                                    f'{"set" if j.ready_limit else "unset"})')
+                                    f'{"set" if j.ready_limit else "unset"})',
+                                    f'{old}->{new}')
                 if new == 'ready' and old == 'running':
                     j.readies += 1
                     j.was_ready = True
                 if new == 'null' and not j.ends:
                     raise Violation(2, 'no-end-event',
-                                    'job reached null without an end event')
+                                    'job reached null without an end event',
+                                    old)
                 j.status = new
             elif name == 'BLOCK_JOB_READY' and data.get('device') == 'm':
                 j.ready_events += 1
                 if j.status != 'ready':
                     raise Violation(2, 'ready-event-mismatch',
-                                    f'BLOCK_JOB_READY while {j.status}')
+                                    f'BLOCK_JOB_READY while {j.status}',
+                                    j.status)
             elif name in END_EVENTS and data.get('device') == 'm':
                 j.ends.append(ev)
                 if len(j.ends) > 1:
                     raise Violation(2, 'two-end-events',
-                                    f'{[e["event"] for e in j.ends]}')
+                                    f'{[e["event"] for e in j.ends]}',
+                                    '+'.join(e['event'] for e in j.ends))
                 self.on_end(ev)
         self._seen = len(self.vm.q.events)
+        if j.ready_events < j.readies and settle:
+            # QEMU sends BLOCK_JOB_READY right after the status change: the
+            # last pull may have come between the two
+            self.vm.q.wait_event(['BLOCK_JOB_READY'], READY_EVENT_DELAY,
+                                 since=self._seen)
+            return self.check_events(settle=False)
         if j.ready_events != j.readies:
             raise Violation(2, 'ready-event-mismatch',
                             f'{j.ready_events} BLOCK_JOB_READY events for '
-                            f'{j.readies} transitions into ready')
+                            f'{j.readies} transitions into ready',
+                            f'{j.ready_events} for {j.readies}')
+
+    def waits_for_finalize(self):
+        """A job that waits in PENDING for our job-finalize is not late"""
+        j = self.job
+        return j.status == 'pending' and \
+            not j.options.get('auto-finalize', True)
 
     def check_cancel_bound(self):
-        j = self.job
-        # A job that waits in PENDING for our job-finalize is not late
-        waits_for_us = (j.status == 'pending' and
-                        not j.options.get('auto-finalize', True))
-        if j.cancel and not j.ended and not waits_for_us:
-            force, at, deadline = j.cancel
-            if deadline is not None and time.monotonic() > deadline:
-                raise Violation(3, 'force-cancel-late' if force else
-                                'cancel-late',
-                                f'{"force" if force else "soft"} cancel '
-                                f'accepted {time.monotonic() - at:.1f} s ago, '
-                                f'bound {deadline - at:.1f} s, job still '
-                                f'{j.status}')
+        j, c = self.job, self.job.cancel
+        if c is None or j.ended or self.waits_for_finalize():
+            return
+        now = time.monotonic()
+        if c.overdue(now):
+            raise Violation(3, 'force-cancel-late' if c.force else
+                            'cancel-late',
+                            f'{c.where}: accepted {now - c.accepted_at:.1f} '
+                            f's ago, deadline passed {now - c.deadline:.1f} '
+                            f's ago, job still {j.status}', c.where)
 
-    def expected_node(self):
-        """'src' or 'tgt' where the guest must be, None if either may be"""
+    def allowed_nodes(self):
+        """Where the guest may be, as far as the events so far tell"""
         j = self.job
-        if not j.ended:
-            return None if j.status in ('pending', 'waiting',
-                                        'concluded') else 'src'
-        ev = j.ends[0]
         if j.cancel:
-            return 'src'       # an accepted cancel never pivots
+            return {'src'}          # an accepted cancel never pivots
+        if not j.ended:
+            # The pivot happens while the job finishes
+            return {'src', 'tgt'} if j.status in (
+                'waiting', 'pending', 'concluded') else {'src'}
+        ev = j.ends[0]
         if ev['event'] == 'BLOCK_JOB_COMPLETED' and 'error' not in \
                 ev['data'] and j.completed_at is not None:
-            return 'tgt'
-        return 'src'
+            return {'tgt'}
+        return {'src'}
 
-    def check_authority(self):
-        node = self.guest_node()
-        want = self.expected_node()
-        if want is None:
-            if node not in ('src', 'tgt'):
-                raise Violation(5, 'unknown-node', f'guest on {node}')
+    def check_authority(self, node, allowed_before):
+        """Invariant 5.  node is query-block's answer, asked after the
+        events that allowed_before is made of and before the next ones:
+        QEMU answered it between the two sets of events, in a state that
+        either allows.  The guest's node only changes once (the pivot),
+        between states that allow both, so the union is exact; a wrong
+        node shows in the next check, where before and after agree."""
+        if node not in ('src', 'tgt'):
+            raise Violation(5, 'unknown-node', f'guest on {node}', str(node))
+        allowed = allowed_before | self.allowed_nodes()
+        if node in allowed:
             return
-        if node != want:
-            j = self.job
-            how = ('after an accepted ' +
-                   ('force' if j.cancel[0] else 'soft') + ' cancel'
-                   if j.cancel else 'after a completed pivot'
-                   if want == 'tgt' else 'after the job ended')
-            raise Violation(5, 'wrong-node',
-                            f'guest on {node}, not {want}, {how} (ended with '
-                            f'{j.ends[0]["event"] if j.ends else "-"})')
+        j = self.job
+        how = (f'after an accepted {j.cancel.where}' if j.cancel else
+               'after a completed pivot' if allowed == {'tgt'} else
+               'after the job ended')
+        raise Violation(5, 'wrong-node',
+                        f'guest on {node}, not {"/".join(sorted(allowed))}, '
+                        f'{how} (ended with '
+                        f'{j.ends[0]["event"] if j.ends else "-"})',
+                        f'on {node} {how}')
 
     def on_end(self, ev):
         """Invariant 6: a job that completed (pivot, or a soft cancel after
@@ -546,42 +1055,60 @@ class World:
     def compare_images(self, why):
         fmt = self.setup['format']
         # QEMU may still hold the source's new qcow2 metadata in its cache
-        self.vm.ok('human-monitor-command',
-                   {'command-line': 'qemu-io src "flush"'})
+        self.qmp_ok('human-monitor-command',
+                    {'command-line': 'qemu-io src "flush"'})
         r = subprocess.run([f'{self.build}/qemu-img', 'compare', '-f', fmt,
                             '-F', 'raw', '-U', self.src_img, self.tgt_img],
                            capture_output=True, text=True, timeout=60)
         if r.returncode != 0:
             raise Violation(6, 'data-differs', f'{why}: qemu-img compare: '
-                            f'{(r.stdout + r.stderr).strip()}')
+                            f'{(r.stdout + r.stderr).strip()}', why)
 
     # --- the end --------------------------------------------------------
 
     def finish(self):
-        """The end of a schedule: let a promised cancel end, then quit"""
-        j = self.job
-        if j.cancel and not j.ended and j.cancel[2] is not None:
-            left = min(j.cancel[2] - time.monotonic(), LONGEST_WAIT)
+        """The end of a schedule: let a promised cancel end, check, quit;
+        QEMU must exit with status 0"""
+        self.current_op = 'quit'
+        j, c = self.job, self.job.cancel
+        if c and not j.ended and c.deadline < NO_BOUND and \
+                c.paused_since is None and not self.waits_for_finalize():
+            left = min(c.deadline - time.monotonic(), LONGEST_WAIT)
             self.vm.q.wait_event(END_EVENTS, max(left, 0))
+        try:
             self.check()
-        bound = FORCE_BOUND + SLACK
+        except Violation as v:
+            v.where = v.where or f'quit in {j.status}'
+            raise
+        where = f'quit in {j.status}, target {self.target_state()}'
+        bound = self.quit_wait() + SLACK
         took = self.vm.quit(bound)
-        if took is None and (self.claims or self.target_usable()):
-            raise Violation(3, 'quit-late', f'quit did not end QEMU within '
-                            f'{bound:.0f} s (target '
-                            f'{"stopped" if self.target.stopped else "alive" if self.target.alive() else "dead"})')
-        self.check_alive_after_quit()
-
-    def check_alive_after_quit(self):
-        with open(self.path('qemu.log'), errors='replace') as f:
-            log = f.read()
-        if 'Assertion' in log or 'assertion failed' in log:
-            raise Violation(1, 'assertion', log.strip()[-500:])
+        if took is None:
+            if self.claims or self.target_usable():
+                raise Violation(3, 'quit-late', f'quit did not end QEMU '
+                                f'within {bound:.1f} s (target '
+                                f'{self.target_state()})', where)
+            return                  # killed: no exit status to check
+        for name, log in (('QEMU', self.qemu_log),
+                          ('qemu-storage-daemon', self.qsd_log)):
+            line = crash_line(log.read(partial=True))
+            if line:
+                raise Violation(1, 'assertion', f'{name}: {line}',
+                                f'{name}: {line}')
+        status = self.vm.proc.returncode
+        if status != 0:
+            raise Violation(1, 'exit-status', f'QEMU exited with status '
+                            f'{status} after quit' + (
+                                f' (signal {-status})' if status < 0 else ''),
+                            f'status {status}, {where}')
 
     def close(self):
-        """Kill everything, remove every file"""
+        """Kill everything (what a failed setup started, too), remove every
+        file"""
         if self.vm:
             self.vm.kill()
         if self.target:
             kill_group(self.target.proc)
+        for proc in set(qemu_procs.STARTED) - self.procs_before:
+            kill_group(proc)
         shutil.rmtree(self.work, ignore_errors=True)
