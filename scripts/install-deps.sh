@@ -127,7 +127,10 @@ missing() {
         if [ -n "$want" ] && [ -n "$have" ] &&
                 dpkg --compare-versions "$have" gt "$want"; then
             die "$name $have is installed, newer than $want from $release:" \
-                "not downgrading it (apt-get remove it first to have $release's)"
+                "not downgrading it.  To have $release's, first remove" \
+                "every package built from $(source_of "$name" "$have") in a" \
+                "newer version than $release's: apt-get remove" \
+                "$(newer_siblings "$name" "$have" "$release")"
         fi
         # Plain name for bookworm: apt's candidate is Debian 12's newest
         # (backports have priority 100), a security update included
@@ -139,6 +142,26 @@ missing() {
 source_of() {
     apt-cache show "$1=$2" 2>/dev/null |
         awk -v p="$1" '!s && /^Source:/ {s = $2} END {print s ? s : p}'
+}
+
+# newer_siblings PKG VERSION RELEASE: the installed packages built from the
+# same source as PKG VERSION (PKG among them) in a newer version than
+# RELEASE offers (or in one RELEASE does not have): what stands in the way
+# of RELEASE's version of PKG (e.g. libvirt0 and libvirt-common for
+# libvirt-daemon from bookworm after bookworm-backports' 11.3).
+newer_siblings() {
+    local src status name from have want
+    src=$(source_of "$1" "$2")
+    dpkg-query -W -f='${db:Status-Status} ${Package} ${source:Package} ${Version}\n' |
+        while read -r status name from have; do
+            if [ "$status" != installed ] || [ "$from" != "$src" ]; then
+                continue
+            fi
+            want=$(wanted "$name" "$3")
+            if [ -z "$want" ] || dpkg --compare-versions "$have" gt "$want"; then
+                echo "$name"
+            fi
+        done | sort | tr '\n' ' ' | sed 's/ $//'
 }
 
 # check_plan PKG...: what `apt-get install PKG...` would do, refused (die)

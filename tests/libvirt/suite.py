@@ -35,7 +35,7 @@ WORK, BUILD = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
 sys.path.insert(0, sys.argv[3])             # QEMU's QMP library
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 '..', 'pylib'))
-from qemu_procs import (MiB, STARTED, LogTail, Qmp,  # noqa: E402
+from qemu_procs import (MiB, STARTED, LogTail, Qmp, QmpTimeout,  # noqa: E402
                         StorageDaemon, die_with_parent, kill_group,
                         kill_process_group, qemu_io_command, qemu_io_failures,
                         start_process, wait_until)
@@ -49,8 +49,9 @@ QEMU_IMG = os.path.join(BUILD, 'qemu-img')
 # QEMU's docs/interop/live-block-operations.rst, "Errors, retries and
 # cancelling a 'mirror' job"), by default:
 GUEST_WRITE_STALL = 5   # a guest write to a write-blocking copy waits this
-CANCELLED_STALL = 10    # a request of a cancelled job waits this
-NBD_GRACE = 1           # then NBD waits 1 s for replies before it gives up
+CANCELLED_STALL = 10    # a request of a soft-cancelled job waits this
+NBD_GRACE = 1           # then NBD waits 1 s for replies before it gives up;
+#                         a force cancel ends after that second
 # A cancelled job on a dead target: 3 retries, after 0.1, 0.2 and 0.4 s
 CANCELLED_RETRIES = 0.1 + 0.2 + 0.4
 # (A drain, stop or switchover, waits at most 10 s and quit 1 s; no case
@@ -59,24 +60,68 @@ CANCELLED_RETRIES = 0.1 + 0.2 + 0.4
 # (virProcessKillPainfully); a frozen QEMU dies only of the SIGKILL.
 LIBVIRT_KILL_GRACE = 10
 # What a noisy, shared 2-core machine adds to any of them (a TCG guest,
-# libvirt's polling, scheduling)
-SLACK = 5
-
-GUEST_BOUND = GUEST_WRITE_STALL + NBD_GRACE + SLACK        # 11 s
-SOFT_CANCEL_BOUND = CANCELLED_STALL + NBD_GRACE + SLACK    # 16 s
-FORCE_CANCEL_BOUND = NBD_GRACE + SLACK                     # 6 s
-DEAD_TARGET_BOUND = CANCELLED_RETRIES + SLACK              # 5.7 s
-KILL_BOUND = LIBVIRT_KILL_GRACE + SLACK                    # 15 s
-# virsh migrate fails once the destination's libvirt killed its frozen
-# QEMU and the source's copy to it was force-cancelled
-MIGRATION_FAILED_BOUND = LIBVIRT_KILL_GRACE + NBD_GRACE + SLACK  # 16 s
+# libvirt's polling, scheduling, virsh's start)
+SLACK = 3
 # Everything without a promise (a copy, a migration, starting libvirtd):
 # only that nothing hangs
 HANG_GUARD = 60.0
 
 
+def orphan_reap_time():
+    """Seconds that an orphan's zombie lasts here, at most: libvirt
+    daemonizes QEMU, and after killing one waits until its PID is gone
+    (kill(pid, 0)), which is when init reaps it.  systemd does so at once;
+    some VMs' init only every 2 s.  Two orphans in a row: the second dies
+    just after init reaped the first, so it waits for a whole round of an
+    init that reaps periodically."""
+    worst = 0.0
+    for _ in range(2):
+        # sh exits at once, its child 0.05 s later, an orphan
+        pid = int(subprocess.run(['sh', '-c', 'sleep 0.05 & echo $!'],
+                                 capture_output=True, text=True,
+                                 check=True).stdout)
+        stat = f'/proc/{pid}/stat'
+
+        def state():
+            try:
+                with open(stat) as f:
+                    return f.read().rsplit(')', 1)[1].split()[0]
+            except OSError:         # gone (reaped)
+                return None
+        wait_until(lambda: state() in ('Z', None), HANG_GUARD, 0.005)
+        died = time.monotonic()
+        if not wait_until(lambda: state() is None, HANG_GUARD, 0.005):
+            raise RuntimeError(f'orphan {pid} not reaped in {HANG_GUARD} s')
+        worst = max(worst, time.monotonic() - died)
+    return worst
+
+
+ORPHAN_REAP = orphan_reap_time()
+
+GUEST_BOUND = GUEST_WRITE_STALL + NBD_GRACE + SLACK        # 9 s
+SOFT_CANCEL_BOUND = CANCELLED_STALL + NBD_GRACE + SLACK    # 14 s
+FORCE_CANCEL_BOUND = NBD_GRACE + SLACK                     # 4 s
+DEAD_TARGET_BOUND = CANCELLED_RETRIES + SLACK              # 3.7 s
+# libvirt destroys a frozen QEMU (13 s, + 2 s of reaping on this VM)
+KILL_BOUND = LIBVIRT_KILL_GRACE + ORPHAN_REAP + SLACK
+# virsh migrate fails once the source's copy ended (a force cancel: 1 s)
+# and the destination's libvirt killed its frozen QEMU (10 s, + reaping):
+# 14 s (+ 2 s on this VM)
+MIGRATION_FAILED_BOUND = (LIBVIRT_KILL_GRACE + ORPHAN_REAP + NBD_GRACE +
+                          SLACK)
+# When the frozen-destination cases act (domjobabort, destroy): this long
+# after the guest's writes started, well before their stall (5 s) fails
+# the copy and libvirt fails the migration by itself
+ACT_AFTER = 1
+
+
 class Failure(Exception):
     pass
+
+
+def secs(x):
+    """A bound in seconds, for messages: 14, 3.7"""
+    return f'{x:.1f}'.rstrip('0').rstrip('.')
 
 
 def check(cond, what):
@@ -94,7 +139,7 @@ def expect(problems, cond, what):
 
 
 def wait_for(cond, what, bound=HANG_GUARD):
-    check(wait_until(cond, bound, 0.1), f'{what}: not within {bound:.0f} s')
+    check(wait_until(cond, bound, 0.1), f'{what}: not within {secs(bound)} s')
 
 
 def run(args, timeout=HANG_GUARD, env=None, ok=True):
@@ -105,7 +150,7 @@ def run(args, timeout=HANG_GUARD, env=None, ok=True):
                            timeout=timeout, env=env, start_new_session=True,
                            preexec_fn=die_with_parent)
     except subprocess.TimeoutExpired as e:
-        raise Failure(f'{" ".join(args)}: no answer within {timeout:.0f} s')\
+        raise Failure(f'{" ".join(args)}: no answer within {secs(timeout)} s')\
             from e
     if ok and p.returncode != 0:
         raise Failure(f'{" ".join(args)}: {p.stderr.strip()}')
@@ -422,9 +467,9 @@ class Guest:
         write completes); writes_complete() tells how it ended"""
         self.qemu_io(f'aio_write -q -P {pattern} {offset} {length}')
 
-    def writes(self):
+    def writes(self, timeout=None):
         """(completed, failed) writes of the guest's disk vda so far"""
-        for dev in self.qmp.ok('query-blockstats'):
+        for dev in self.qmp.ok('query-blockstats', timeout=timeout):
             if 'virtio-disk0' in dev.get('qdev', '') + dev.get('device', ''):
                 st = dev['stats']
                 return st['wr_operations'], st['failed_wr_operations']
@@ -449,9 +494,16 @@ class Guest:
 def writes_complete(g, before, n, bound):
     """Whether n guest writes started after blockstats `before` (and all
     before them) ended within bound, and none failed (in blockstats or in
-    the log)"""
-    ended = wait_until(lambda: sum(g.writes()) >= sum(before) + n, bound, 0.1)
-    return ended and g.writes()[1] == before[1] and not g.failures()
+    the log).  Not if QEMU stops answering our monitor (stock QEMU, on a
+    force cancel of a copy to a frozen target): that is noted, and our
+    monitor is of no more use."""
+    try:
+        ended = wait_until(lambda: sum(g.writes(bound + SLACK)) >=
+                           sum(before) + n, bound, 0.1)
+        return ended and g.writes()[1] == before[1] and not g.failures()
+    except QmpTimeout as e:
+        print(f'  (QEMU does not answer our monitor: {e})', flush=True)
+        return False
 
 
 def leftovers():
@@ -642,8 +694,8 @@ def domain_usable(c, problems, pattern, offset):
 
 def abort_copy(c, bound, problems):
     """virsh blockjob --abort of vda's copy; meanwhile other calls on the
-    domain, which wait for libvirt's job lock that the abort holds: each
-    must succeed within bound.
+    domain, each must succeed within bound: qemu-monitor-command waits
+    for libvirt's job lock, which the abort holds, domblkinfo does not.
 
     Without --async, libvirt 11.3 (qemuDomainBlockJobAbort in
     src/qemu/qemu_driver.c) sends a soft block-job-cancel, waits until
@@ -741,10 +793,11 @@ def case_abort_dead_target(c):
 
 def case_abort_frozen_target(c):
     """blockcopy, READY, target frozen (SIGSTOP) while it copies a guest
-    write: blockjob --abort (a soft cancel) and another call on the domain
-    meanwhile succeed within a cancelled job's stall timeout; then no job
-    is left, the domain runs and answers, its guest writes (stock QEMU
-    hangs here, and libvirt with it: 'cannot acquire state change lock')"""
+    write: blockjob --abort (a soft cancel), and other calls on the domain
+    meanwhile (abort_copy), succeed within a cancelled job's stall
+    timeout; then no job is left, the domain runs and answers, its guest
+    writes (with stock QEMU the abort gets no reply, and the calls waiting
+    for it none within the bound either)"""
     t = c.target()
     c.blockcopy_ready(t)
     t.stop()                        # SIGSTOP
@@ -804,7 +857,7 @@ def case_migrate_dest_killed(c):
     start = time.monotonic()
     status, last = mig.wait(bound)
     check(status is not None, f'virsh migrate did not return within '
-          f'{bound:.0f} s')
+          f'{secs(bound)} s')
     check(status != 0, 'migrate succeeded with a dead destination')
     print(f'  (migrate failed after {time.monotonic() - start:.1f} s: '
           f'{last})')
@@ -908,12 +961,23 @@ def case_migrate_sync(c):
           'libvirt did not start the copy in write-blocking mode')
 
 
-def frozen_dest_migration(c):
+# The guest writes of the frozen-destination cases: (pattern, offset), 1 MiB
+# each.  The destination freezes once the copy of vda is under way (it sent
+# its first 16 MiB, a part or all of it copied): in a write-blocking copy,
+# the write to 0 at least waits for the destination (in our runs: all four)
+FROZEN_WRITES = [(0x40 + i, i * 8 * MiB) for i in range(4)]
+
+
+def frozen_dest_migration(c, stall_timeout=None):
     """migrate --copy-storage-all --copy-storage-synchronous-writes at
     2 MiB/s, the destination QEMU frozen (SIGSTOP) once the copy of vda
-    is under way, guest writes started: they must complete within the
-    bound of a guest write.  (destination daemon, virsh migrate, guest,
-    blockstats before the writes, problems)"""
+    is under way (with stall_timeout: the copy's stall timeout set to it
+    first, on our monitor), guest writes started; ACT_AFTER seconds after
+    they started, some must still be waiting for the frozen destination
+    (else the copy is not write-blocking, and what the case does next,
+    its abort or destroy, would not meet a hung copy).  (destination
+    daemon, virsh migrate, guest, blockstats before the writes, when they
+    started, problems)"""
     dst = c.daemon()
     _, args = migrate_args(c, dst, os.path.join(WORK, f'{c.name}-dst.qmp'),
                            '--copy-storage-synchronous-writes',
@@ -922,54 +986,106 @@ def frozen_dest_migration(c):
     g = c.guest()
     wait_for(lambda: any(j['offset'] > 0 for j in g.jobs()),
              'the storage copy under way')
+    if stall_timeout is not None:
+        try:
+            g.qmp.ok('block-job-change', {'id': g.jobs()[0]['device'],
+                                          'type': 'mirror',
+                                          'stall-timeout': stall_timeout})
+        except RuntimeError as e:   # stock: no stall timeout to raise
+            print(f'  (stall timeout not set: {e})')
     dest_qemu = dst.qemu_pid(c.dom)
     os.kill(dest_qemu, signal.SIGSTOP)
     c.cleanups.append(lambda: os.kill(dest_qemu, signal.SIGCONT)
                       if os.path.exists(f'/proc/{dest_qemu}') else None)
-    problems = []
     before = g.writes()
-    for i in range(4):          # 4 MiB, some of it where the copy is
-        g.aio_write(0x40 + i, f'{i * 8}M', '1M')
-    start = time.monotonic()
-    expect(problems, writes_complete(g, before, 4, GUEST_BOUND),
-           f'guest writes did not complete within {GUEST_BOUND:.0f} s of '
-           f'the destination freezing (or failed)')
-    print(f'  (guest writes: {time.monotonic() - start:.1f} s)')
-    return dst, mig, g, before, problems
+    started = time.monotonic()
+    for pattern, offset in FROZEN_WRITES:
+        g.aio_write(pattern, offset, '1M')
+    time.sleep(max(0, started + ACT_AFTER - time.monotonic()))
+    done = sum(g.writes()) - sum(before)
+    print(f'  ({done} of {len(FROZEN_WRITES)} guest writes done '
+          f'{secs(ACT_AFTER)} s after they started)')
+    check(done < len(FROZEN_WRITES), 'no guest write waits for the frozen '
+          'destination')
+    return dst, mig, g, before, started, []
 
 
-def migration_failed(mig, problems, start):
-    """virsh migrate ended with an error within MIGRATION_FAILED_BOUND of
-    start"""
+def migration_failed(mig, problems, start, reason=''):
+    """virsh migrate ended with an error (saying reason) within
+    MIGRATION_FAILED_BOUND of start"""
     status, last = mig.wait(MIGRATION_FAILED_BOUND -
                             (time.monotonic() - start))
     if expect(problems, status is not None, f'virsh migrate did not return '
-              f'within {MIGRATION_FAILED_BOUND:.0f} s'):
-        expect(problems, status != 0, 'virsh migrate succeeded')
+              f'within {secs(MIGRATION_FAILED_BOUND)} s'):
         print(f'  (migrate failed after {time.monotonic() - start:.1f} s: '
               f'{last})')
+        expect(problems, status != 0, 'virsh migrate succeeded')
+        expect(problems, reason in last,
+               f'virsh migrate did not fail with "{reason}": {last}')
+
+
+def job_ended(g, problems, event, failed=False):
+    """The source's copy (the only job) ended with this event (QEMU's
+    BLOCK_JOB_CANCELLED or BLOCK_JOB_COMPLETED, seen on our monitor), with
+    an error if failed"""
+    ev = g.qmp.wait_event({'BLOCK_JOB_CANCELLED', 'BLOCK_JOB_COMPLETED'},
+                          SLACK)
+    what = ev and f'{ev["event"]} {ev["data"].get("error", "")}'.strip()
+    print(f'  (the copy ended: {what})')
+    expect(problems, ev is not None and ev['event'] == event and
+           (not failed or 'error' in ev['data']),
+           f'the copy did not end with {event}'
+           f'{" and an error" if failed else ""}: {what}')
 
 
 def source_runs_on(c, g, before, problems):
-    """The source domain runs, without a block job, its guest's writes are
-    done, and it writes"""
-    expect(problems, writes_complete(g, before, 4, SLACK),
+    """The source domain runs, without a block job, the guest's writes
+    started while the destination was frozen are done and read back, and
+    it writes"""
+    expect(problems, writes_complete(g, before, len(FROZEN_WRITES), SLACK),
            'the guest writes started while the destination was frozen '
            'did not complete (or failed) after the migration failed')
     domain_usable(c, problems, 0x60, '1M')
+    read_back(g, problems, FROZEN_WRITES)
+
+
+def read_back(g, problems, writes):
+    """Each (pattern, offset) of 1 MiB reads back as written"""
+    for pattern, offset in writes:
+        try:
+            g.verify(pattern, offset, '1M')
+        except Failure as e:
+            expect(problems, False, str(e))
 
 
 def case_migrate_sync_frozen_abort(c):
     """migrate --copy-storage-synchronous-writes, the destination frozen
-    mid-copy: the guest's writes complete; virsh domjobabort returns (a
-    force cancel of the copy), virsh migrate fails within the bound, the
-    source runs on and its guest writes, the destination's domain is gone
-    or destroyable"""
-    dst, mig, g, before, problems = frozen_dest_migration(c)
+    mid-copy, guest writes waiting for it: virsh domjobabort (libvirt
+    sends migrate_cancel and a force block-job-cancel) while they wait:
+    it returns, the writes complete within a force cancel's bound of the
+    abort, the copy ends cancelled, virsh migrate fails as aborted within
+    the bound, the source runs on, the writes read back, the guest
+    writes, the destination's domain is gone or destroyable.
+
+    Only the force cancel may end the writes: with the default stall of
+    a guest write (5 s) they would complete 4 s after the abort anyway,
+    just at the bound, and libvirt would fail the migration by itself.
+    So the copy's stall timeout is out of reach, HANG_GUARD."""
+    dst, mig, g, before, _, problems = frozen_dest_migration(
+        c, stall_timeout=int(HANG_GUARD))
     start = time.monotonic()
     returned_ok(problems, 'virsh domjobabort',
                 c.src.timed('domjobabort', c.dom, bound=FORCE_CANCEL_BOUND))
-    migration_failed(mig, problems, start)
+    if expect(problems, writes_complete(
+            g, before, len(FROZEN_WRITES),
+            FORCE_CANCEL_BOUND - (time.monotonic() - start)),
+            f'guest writes did not complete within '
+            f'{secs(FORCE_CANCEL_BOUND)} s of the abort (or failed)'):
+        print(f'  (guest writes done {time.monotonic() - start:.1f} s after '
+              f'the abort)')
+    job_ended(g, problems, 'BLOCK_JOB_CANCELLED')
+    migration_failed(mig, problems, start, 'canceled by client')
+    check(not problems, '; '.join(problems))    # the rest needs the abort
     source_runs_on(c, g, before, problems)
     if dst.virsh('domstate', c.dom, ok=False).returncode == 0:
         returned_ok(problems, 'virsh destroy on the destination',
@@ -979,13 +1095,34 @@ def case_migrate_sync_frozen_abort(c):
 
 def case_migrate_sync_frozen_destroy(c):
     """migrate --copy-storage-synchronous-writes, the destination frozen
-    mid-copy: the guest's writes complete; virsh destroy of the
-    destination's domain works, virsh migrate fails within the bound, the
-    source runs on and its guest writes"""
-    dst, mig, g, before, problems = frozen_dest_migration(c)
+    mid-copy, guest writes waiting for it: virsh destroy of the
+    destination's domain while they wait (libvirt's SIGTERM does not stop
+    a frozen QEMU: it stays frozen for 10 s, until the SIGKILL); the
+    guest's writes complete within a guest write's bound of their start
+    (the copy fails), the destroy succeeds, virsh migrate fails within
+    the bound, the source runs on, the writes read back, the guest
+    writes"""
+    dst, mig, g, before, started, problems = frozen_dest_migration(c)
     start = time.monotonic()
-    returned_ok(problems, 'virsh destroy on the destination',
-                dst.timed('destroy', c.dom, bound=KILL_BOUND))
+    destroyed = []
+    destroy = threading.Thread(target=lambda: destroyed.append(
+        dst.timed('destroy', c.dom, bound=KILL_BOUND)))
+    destroy.start()
+    try:
+        if expect(problems, writes_complete(
+                g, before, len(FROZEN_WRITES),
+                GUEST_BOUND - (time.monotonic() - started)),
+                f'guest writes did not complete within {secs(GUEST_BOUND)} '
+                f's of their start (or failed)'):
+            print(f'  (guest writes: {time.monotonic() - started:.1f} s)')
+        # Failed, by the stall.  (QEMU's error mostly begins "The target
+        # stopped answering (no progress for 5 s)"; once, the destination
+        # frozen with the copy's first requests still in flight, v2 said
+        # only "Writing to the target failed: Input/output error".)
+        job_ended(g, problems, 'BLOCK_JOB_COMPLETED', failed=True)
+    finally:
+        destroy.join()              # virsh's timeout (bound) ends it
+    returned_ok(problems, 'virsh destroy on the destination', destroyed[0])
     migration_failed(mig, problems, start)
     source_runs_on(c, g, before, problems)
     check(not problems, '; '.join(problems))
@@ -993,10 +1130,10 @@ def case_migrate_sync_frozen_destroy(c):
 
 def case_sync_abort_frozen_target(c):
     """blockcopy --synchronous-writes (write-blocking), READY, the target
-    frozen (SIGSTOP) with guest writes in flight: blockjob --abort and
-    other calls on the domain meanwhile succeed within a guest write's
-    bound, the guest's writes complete, no job is left, the domain runs
-    and answers, its guest writes"""
+    frozen (SIGSTOP) with guest writes in flight: blockjob --abort, and
+    other calls on the domain that wait for it, succeed within a guest
+    write's bound, the guest's writes complete and read back, no job is
+    left, the domain runs and answers, its guest writes"""
     t = c.target()
     c.blockcopy_ready(t, '--synchronous-writes')
     check(sent_write_blocking_mirror(c.src),
@@ -1004,17 +1141,19 @@ def case_sync_abort_frozen_target(c):
     g = c.guest()
     t.stop()                        # SIGSTOP
     before = g.writes()
-    g.aio_write(0x77, 0, '1M')      # to the frozen target as well: waits
-    g.aio_write(0x78, '8M', '1M')
+    writes = [(0x77, 0), (0x78, 8 * MiB)]
+    for pattern, offset in writes:  # to the frozen target as well: wait
+        g.aio_write(pattern, offset, '1M')
     problems = []
     # The guest's writes waiting for the target fail the job within a
     # guest write's stall (and NBD's second) of their start, before a
     # cancelled job's own stall timeout: the abort ends then
     abort_copy(c, GUEST_BOUND, problems)
     check(not problems, '; '.join(problems))    # the rest needs the abort
-    expect(problems, writes_complete(g, before, 2, SLACK),
+    expect(problems, writes_complete(g, before, len(writes), SLACK),
            'the guest writes did not complete (or failed)')
     domain_usable(c, problems, 0x79, '4M')
+    read_back(g, problems, writes)
     check(not problems, '; '.join(problems))
 
 
@@ -1065,6 +1204,9 @@ def main():
         print(f'no such case: {" ".join(sorted(unknown))}')
         return 2
     passed = failed = 0
+    print(f'(a dead orphan lasts up to {secs(ORPHAN_REAP)} s here: in the '
+          f'bounds of libvirt killing a QEMU, {secs(KILL_BOUND)} s, and of a '
+          f'migration failing, {secs(MIGRATION_FAILED_BOUND)} s)', flush=True)
     try:
         for name, fn, sizes in CASES:
             if wanted and name not in wanted:

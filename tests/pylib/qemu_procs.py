@@ -390,14 +390,6 @@ class Vm:
         return cpu_seconds(self.proc.pid)
 
 
-def write_failed(qemu_io_output):
-    """Whether an HMP qemu-io reply reports an error.  The reply holds only
-    errors of the command line: a failed request is in QEMU's log
-    (qemu_io_command, qemu_io_failures)"""
-    out = qemu_io_output.lower()
-    return 'failed' in out or 'error' in out
-
-
 def qemu_io_command(device, command):
     """The HMP command line that runs a qemu-io command as the guest on
     device (its qdev id).  Its reply holds only errors of the command line
