@@ -8,21 +8,22 @@ bounds the wait raises Unbounded: the schedule ends without a verdict.  The
 invariants are numbered as in issue #12 (see README.md, "Stress testing").
 """
 
-import ctypes
 import itertools
 import math
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 
 import qemu_procs
-from qemu_procs import (MiB, QmpTimeout, StorageDaemon, Vm, blkdebug_node,
-                        cpu_seconds, kill_group)
+# start_process() gives QEMU and the daemon PR_SET_PDEATHSIG: a tester
+# killed with SIGKILL leaves none behind
+from qemu_procs import (LogTail, MiB, QmpTimeout, StorageDaemon, Vm,
+                        blkdebug_node, cpu_seconds, kill_group,
+                        qemu_io_failures)
 
 # --- What the series promises, in seconds ---------------------------------
 # Each is one of QEMU's own constants (build/qemu with the series applied);
@@ -46,8 +47,6 @@ QUIT_STALL_TIMEOUT = 1
 # block/nbd.c NBD_QUIT_GRACE_NS: once QEMU quits, an NBD server that no
 # running job watches may go this long without a reply
 NBD_QUIT_GRACE = 10.0
-# Job statuses in which the mirror's stall timer runs (mirror_run())
-STALL_TIMER_STATUSES = ('created', 'running', 'ready', 'paused', 'standby')
 # MIRROR_STALL_CHECK_NS: the stall timer looks this often, so a stall is
 # noticed up to this late
 STALL_CHECK = 0.25
@@ -223,67 +222,6 @@ def free_tcp_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
-
-
-# --- Helpers that tests/pylib/qemu_procs.py is getting (another change) --
-# Used from there once it has them; until then these local versions.
-# QEMU and the daemon run in process groups of their own, so a SIGKILL of
-# the tester would leave them behind: they get PR_SET_PDEATHSIG.
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent():
-    """preexec_fn: the kernel SIGKILLs this child when its parent dies"""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _start_process_dying_with_parent(args, log_path=None):
-    """qemu_procs.start_process(), with PR_SET_PDEATHSIG"""
-    out = open(log_path, 'ab') if log_path else subprocess.DEVNULL
-    try:
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT,
-                                start_new_session=True,
-                                preexec_fn=_die_with_parent)
-    finally:
-        if log_path:
-            out.close()
-    qemu_procs.STARTED.add(proc)
-    return proc
-
-
-if not hasattr(qemu_procs, 'die_with_parent'):
-    qemu_procs.start_process = _start_process_dying_with_parent
-
-
-class _LogTail:
-    """The lines a log file got since the last read"""
-
-    def __init__(self, path):
-        self.path, self.pos = path, 0
-
-    def read(self, partial=False):
-        """New complete lines (and the unfinished last one if partial)"""
-        try:
-            with open(self.path, 'rb') as f:
-                f.seek(self.pos)
-                data = f.read()
-        except FileNotFoundError:
-            return ''
-        if not partial:
-            data = data[:data.rfind(b'\n') + 1]
-        self.pos += len(data)
-        return data.decode(errors='replace')
-
-
-def _qemu_io_failures(output):
-    """qemu-io's reports of failed requests ("write failed: Input/output
-    error"): it prints them on QEMU's stdout, not in the HMP reply"""
-    return re.findall(r'^\w+ failed: .*$', output, re.M)
-
-
-LogTail = getattr(qemu_procs, 'LogTail', _LogTail)
-qemu_io_failures = getattr(qemu_procs, 'qemu_io_failures', _qemu_io_failures)
 
 
 def crash_line(text):
@@ -609,7 +547,7 @@ class World:
         down); without a running job, a silent NBD server gets
         NBD_QUIT_GRACE; a throttled target that answers finishes what is
         in flight"""
-        if not self.job.ended and self.job.status in STALL_TIMER_STATUSES:
+        if self.job.copying:        # the stall timer runs
             silent = QUIT_STALL_TIMEOUT + STALL_CHECK + NBD_GRACE
         else:
             silent = NBD_QUIT_GRACE
