@@ -30,7 +30,7 @@ from qemu_procs import (LogTail, MiB, QmpTimeout, StorageDaemon, Vm,
 # model_check.py compares them with the source.  Stock QEMU is held to the
 # same bounds only to learn whether it breaks them too.
 
-# block/nbd.c NBD_CANCEL_GRACE_NS: bdrv_cancel_in_flight() on NBD waits this
+# block/nbd.c NBD_CANCEL_GRACE_NS: bdrv_cancel_unanswered() on NBD waits this
 # long for replies, then shuts a silent server's connection down
 NBD_GRACE = 1.0
 # block/mirror.c MIRROR_ACTIVE_WRITE_TIMEOUT_DEFAULT: a guest write that
@@ -344,6 +344,10 @@ class World:
         self.target_trouble = False
         self.target_killed = False
         self.throttle_bps = 0
+        # The slowest limit the target's throttle group had since it
+        # started: requests it queued wait for a timer armed at that rate,
+        # which a new limit does not re-arm (block/throttle-groups.c)
+        self.slowest_bps = 0
         self.current_op = 'setup'
         self.qemu_log = LogTail(self.path('qemu.log'))
         self.qsd_log = LogTail(self.path('qsd.log'))
@@ -473,8 +477,9 @@ class World:
 
     def transfer_seconds(self, nbytes):
         """What the throttled target takes for nbytes (write-zeroes count
-        as bytes, too)"""
-        return nbytes / self.throttle_bps if self.throttle_bps else 0.0
+        as bytes, too), at the slowest limit it had: a request queued
+        before the limit was raised or lifted keeps its wait"""
+        return nbytes / self.slowest_bps if self.slowest_bps else 0.0
 
     def stall_timeout(self, draining=False):
         """mirror_stall_timeout(): the one the user set, else 10 s once
@@ -596,7 +601,7 @@ class World:
         elif action == 'restart' and not t.alive():
             t.start()
             self.target_killed = False
-            self.throttle_bps = 0
+            self.throttle_bps = self.slowest_bps = 0
         else:
             return
         self.renew_cancel()
@@ -660,6 +665,9 @@ class World:
         if self.target_usable() and \
                 self.target_qmp(self.target.throttle, step['bps']):
             self.throttle_bps = step['bps']
+            if step['bps']:
+                self.slowest_bps = min(self.slowest_bps or step['bps'],
+                                       step['bps'])
             self.renew_cancel()
 
     def pause(self, step):
@@ -701,7 +709,7 @@ class World:
         if not self.claims and not self.target_usable():
             return NO_BOUND     # stock promises nothing on a target in trouble
         if force:
-            # bdrv_cancel_in_flight(): NBD_GRACE for replies, then the
+            # bdrv_cancel_unanswered(): NBD_GRACE for replies, then the
             # connection goes; a throttled target finishes what is in flight
             return STALL_CHECK + NBD_GRACE + self.transfer_seconds(self.size)
         left = job['len'] - job['offset'] if job else 0
