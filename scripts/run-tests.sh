@@ -11,6 +11,7 @@ out=${1:-$(build_dir patched 0)}
 [ -x "$out/qemu-system-x86_64" ] || die "no QEMU build in $out: run make first"
 LOGS=$out/test-logs
 mkdir -p "$LOGS"
+rm -f "$LOGS"/iotests-*.log "$LOGS"/iotests-*.log.rerun
 : > "$LOGS/results.tap"
 
 COUNTS=$LOGS/counts       # one "pass fail skip" line per suite
@@ -59,7 +60,13 @@ run_iotests() {   # run_iotests OPTION TEST...
         fi
     fi
     [ ${#tests[@]} -gt 0 ] || return 0
+    # Several lines of the suite may run the same format: one log each
     log=$LOGS/iotests$opt.log
+    local n=1
+    while [ -e "$log" ]; do
+        n=$((n + 1))
+        log=$LOGS/iotests$opt-$n.log
+    done
     # One test at a time: several timing-sensitive tests (e.g. 185) race
     # when two run side by side on a 2-core machine.
     (cd "$out/tests/qemu-iotests" && "$PYTHON" ./check -tap "$opt" "${tests[@]}") \
