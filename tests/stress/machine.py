@@ -94,7 +94,7 @@ setups = st.fixed_dictionaries({
 # Verbs on the job.  A step draws a choice in range(CHOICES): two thirds of
 # them pick among the verbs that QEMU accepts in the job's status (job.c
 # JobVerbTable, copied in world.VERB_TABLE; 24 choices split evenly over 1
-# to 5 verbs), the others among all verbs, so that most commands move the
+# to 6 entries), the others among all verbs, so that most commands move the
 # job along and some are refused.  The concrete verb is what gets recorded.
 # Each verb of ours and the job verb (JobVerb) it is:
 JOB_VERB = {'cancel': 'cancel', 'force-cancel': 'cancel',
@@ -105,8 +105,10 @@ ACCEPTED_CHOICES, CHOICES = 24, 36
 
 
 def accepted_verbs(status):
-    """Our verbs that QEMU's verb table accepts in this status"""
-    return tuple(v for v in VERBS if status in VERB_TABLE[JOB_VERB[v]])
+    """Our verbs that QEMU's verb table accepts in this status; complete
+    counts twice, so that more jobs pivot (and their data is compared)"""
+    return tuple(w for v in VERBS if status in VERB_TABLE[JOB_VERB[v]]
+                 for w in ((v, v) if v == 'complete' else (v,)))
 
 # block-job-change: a field and a value, valid or not
 CHANGES = {
@@ -129,7 +131,8 @@ def verb_for(status, choice):
 WRITES = st.fixed_dictionaries({
     'op': st.just('write'), 'offset': st.integers(0, 16383),
     'length': st.sampled_from([64 * KiB, 512, 4 * KiB, MiB, 3 * MiB]),
-    'pattern': st.integers(1, 255), 'zero': st.booleans()})
+    'pattern': st.integers(1, 255), 'zero': st.booleans(),
+    'aio': st.booleans()})
 TARGET = st.fixed_dictionaries({
     'op': st.just('target-ctl'),
     'action': st.sampled_from(['kill', 'stop', 'cont', 'restart'])})

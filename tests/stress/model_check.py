@@ -38,6 +38,10 @@ IMITATED = (
     # world.World.stall_timeout()
     ('block/mirror.c', 'timeout = MIRROR_STALL_TIMEOUT_CANCELLED;'),
     ('block/mirror.c', 'timeout = MIRROR_STALL_TIMEOUT_DRAINED;'),
+    # world.World.drain_wait(): others' requests wait as long as the job's
+    ('block/mirror.c', 'int64_t timeout = MIRROR_STALL_TIMEOUT_DRAINED;'),
+    # world.World.cancel(): a cancel of a job that is not READY is forced
+    ('block/mirror.c', 'return force || !job_is_ready(job);'),
 )
 
 # What the units of a #define's expression are worth
