@@ -538,7 +538,10 @@ def tap_replays(args, work, log):
                 f'expected {schedule["expect"]}, got {outcome or "none"}'
         else:
             ok = not isinstance(outcome, world.Violation)
-            what = 'passes' if ok else str(outcome)
+            what = str(outcome) if not ok else \
+                f'no violation, but no verdict: {outcome}' if outcome \
+                else 'passes'
+
         print(f'{"ok" if ok else "not ok"} - stress {name}: {what}',
               flush=True)
 

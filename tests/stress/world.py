@@ -165,7 +165,12 @@ class AioWrite:
     def renew(self, now, wait):
         """What may delay it changed: the later of the deadline and what
         the new situation allows from now (NO_BOUND: no deadline)"""
-        self.deadline = max(self.deadline, now + wait + SLACK)
+        if wait == NO_BOUND:
+            self.deadline = NO_BOUND
+        elif self.deadline == NO_BOUND:
+            self.deadline = now + wait + SLACK
+        else:
+            self.deadline = max(self.deadline, now + wait + SLACK)
 
 
 def slug(text):
@@ -540,10 +545,12 @@ class World:
         as stop does) may wait for the target"""
         if not self.target.alive():
             return 0.0              # requests to a dead server fail at once
+        if self.guest_writes_on_frozen_target():
+            return NO_BOUND
         if not self.target.stopped:
             # What is in flight: at most the whole image (write-zeroes are
-            # not limited by the job's buffer)
-            return self.transfer_seconds(self.size)
+            # not limited by the job's buffer), and the guest's aio writes
+            return self.transfer_seconds(self.size + self.aio_bytes())
         if self.job.copying:
             # The job's requests wait for its stall timeout (0: forever),
             # the others (the flush of all nodes) for
@@ -593,11 +600,25 @@ class World:
         down); without a running job, a silent NBD server gets
         NBD_QUIT_GRACE; a throttled target that answers finishes what is
         in flight"""
+        if self.guest_writes_on_frozen_target():
+            return NO_BOUND
         if self.job.copying:        # the stall timer runs
             silent = QUIT_STALL_TIMEOUT + STALL_CHECK + NBD_GRACE
         else:
             silent = NBD_QUIT_GRACE
-        return silent + self.transfer_seconds(self.size)
+        return silent + self.transfer_seconds(self.size + self.aio_bytes())
+
+    def guest_writes_on_frozen_target(self):
+        """Guest aio writes wait for the frozen target, which the guest
+        runs on since the pivot: every drain of it (a job-dismiss, which
+        drops the job's hold of the target, for one) and quit (NBD watches
+        only the requests sent after the quit) wait for them as long as it
+        takes, with no job in between to give up (stock too)"""
+        return bool(self.aio_writes) and self.target_frozen() and \
+            self.guest_node() == 'tgt'
+
+    def aio_bytes(self):
+        return sum(w.length for w in self.aio_writes)
 
     # --- steps ----------------------------------------------------------
 
@@ -628,6 +649,9 @@ class World:
         data = '-z' if step.get('zero') else f'-P {step["pattern"]}'
         verb = 'aio_write' if step.get('aio') else 'write'
         wait = self.write_wait(length)
+        if step.get('aio') and wait != NO_BOUND:
+            # behind the guest's aio writes still in flight
+            wait += self.transfer_seconds(self.aio_bytes())
         reply = self.qmp_ok('human-monitor-command', {
             'command-line': qemu_io_command(
                 GUEST, f'{verb} {data} {offset} {length}')}, wait=wait)
@@ -749,11 +773,14 @@ class World:
         # job that is not READY, and job_cancel_locked() then aborts it at
         # once (job_completed_txn_abort_locked()).  It never waits for a
         # job-finalize, and it never pivots (issue #13, item 2)
-        if before and before['status'] in ('waiting', 'pending'):
+        after = self.query_job()
+        if any(q and q['status'] in ('waiting', 'pending')
+               for q in (before, after)):
             force = True
         # A soft cancel of a job that is (or was: ready-dirty-limit) READY
         # finishes the copy; our view of the status may be late
-        j.finishing |= not force
+        j.finishing |= not force and (j.was_ready or bool(
+            before and before['status'] in ('ready', 'standby')))
         now = time.monotonic()
         where = (f'{"force" if force else "soft"} cancel in {j.status}, '
                  f'target {self.target_state()}')
@@ -813,7 +840,8 @@ class World:
             self.renew_bounds()
 
     def finalize(self, step):
-        self.qmp('job-finalize', {'id': 'm'})
+        if 'error' not in self.qmp('job-finalize', {'id': 'm'}):
+            self.renew_bounds()
 
     def dismiss(self, step):
         self.qmp('job-dismiss', {'id': 'm'})
@@ -884,6 +912,8 @@ class World:
     def check_busy(self, window, cpu, job0, job1, where):
         """Invariant 4: QEMU spent no more than BUSY_CPU of a core over
         window seconds, unless the job copied meanwhile"""
+        if job0 and not job1:
+            return      # the job ended meanwhile: its last copy is unknown
         progress = (job1['offset'] - job0['offset']) if job0 and job1 else 0
         covered('inv 4: CPU judged over a window')
         if cpu / window > BUSY_CPU and progress < SPIN_SHARE * self.size:
@@ -1206,11 +1236,15 @@ class World:
             v.where = v.where or f'quit in {j.status}'
             raise
         where = f'quit in {j.status}, target {self.target_state()}'
-        bound = self.quit_wait() + SLACK
-        covered(f'inv 3: quit bound checked, target '
-                f'{self.target_state()}, job '
-                f'{"copying" if j.copying else "not copying"}')
+        wait = self.quit_wait()
+        bound = UNBOUNDED_WAIT if wait == NO_BOUND else wait + SLACK
+        if wait != NO_BOUND:
+            covered(f'inv 3: quit bound checked, target '
+                    f'{self.target_state()}, job '
+                    f'{"copying" if j.copying else "not copying"}')
         took = self.vm.quit(bound)
+        if took is None and wait == NO_BOUND:
+            raise Unbounded('quit: QEMU did not exit', where)
         if took is None:
             if self.claims or self.target_usable():
                 raise Violation(3, 'quit-late', f'quit did not end QEMU '
