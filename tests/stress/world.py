@@ -163,14 +163,20 @@ class AioWrite:
         self.deadline = now + wait + SLACK
 
     def renew(self, now, wait):
-        """What may delay it changed: the later of the deadline and what
-        the new situation allows from now (NO_BOUND: no deadline)"""
-        if wait == NO_BOUND:
-            self.deadline = NO_BOUND
-        elif self.deadline == NO_BOUND:
-            self.deadline = now + wait + SLACK
-        else:
-            self.deadline = max(self.deadline, now + wait + SLACK)
+        """What may delay it changed: see renewed_deadline()"""
+        self.deadline = renewed_deadline(self.deadline, now, wait)
+
+
+def renewed_deadline(deadline, now, bound):
+    """A deadline once the situation changed to promise `bound` seconds
+    from now: the later of the two; NO_BOUND if nothing is promised now;
+    from now if nothing was promised before (a frozen target thawed, a
+    stall-timeout set)"""
+    if bound == NO_BOUND:
+        return NO_BOUND
+    if deadline == NO_BOUND:
+        return now + bound + SLACK
+    return max(deadline, now + bound + SLACK)
 
 
 def slug(text):
@@ -282,17 +288,9 @@ class CancelPromise:
         self.paused_since = None
 
     def renew(self, now, bound):
-        """The job's settings or its target changed: the later of the
-        deadline and what they promise from now; NO_BOUND if they promise
-        nothing.  A cancel that had no bound gets one from now as soon as
-        the settings promise one (a frozen target thawed, stall-timeout
-        set)"""
-        if bound == NO_BOUND:
-            self.deadline = NO_BOUND
-        elif self.deadline == NO_BOUND:
-            self.deadline = now + bound + SLACK
-        else:
-            self.deadline = max(self.deadline, now + bound + SLACK)
+        """The job's settings or its target changed: see
+        renewed_deadline()"""
+        self.deadline = renewed_deadline(self.deadline, now, bound)
 
     def extend(self, seconds):
         """More to copy: a soft cancel finishes the copy first"""
